@@ -1,0 +1,406 @@
+"""Job queue HTTP server: accepts jobs and streams their progress live.
+
+    python server.py [--host HOST] [--port PORT] [--redis-url URL]
+
+POST /submit {"input": "..."} stores a job and queues it in one step; GET /status?id=ID reads
+it; GET /ws?id=ID (WebSocket) and GET /events?id=ID (Server-Sent Events) send the job's current
+state, then each change, and close after `done` or `failed`; GET /healthz says whether Redis
+answers. Every error is JSON: {"error": "..."}. The server holds one Redis pub/sub subscription
+and fans each message out to the watchers of that job, so any number of servers can share one
+Redis with any number of workers (see worker.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+from aiohttp import WSCloseCode, web
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from worker import PREFIX, TERMINAL, Keys, now
+
+log = logging.getLogger("server")
+
+MAX_INPUT_BYTES = 1 << 20  # request bodies above this are refused with 413
+HEARTBEAT = 30.0  # seconds between WebSocket pings and SSE keepalive comments
+POOL_SIZE = 128  # Redis connections; a request waits for a free one rather than failing
+POOL_WAIT = 5.0  # seconds a request waits for a pooled connection before 503
+BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dropped
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+MESSAGE_FIELDS = ("id", "status", "result", "error", "attempts", "updated", "version")
+
+
+@dataclass(frozen=True)
+class Update:
+    """One state of one job, as sent to watchers (`text`, serialized once for all of them)."""
+
+    version: int
+    terminal: bool
+    text: str
+
+
+class Watcher:
+    """The updates waiting for one WebSocket or SSE stream. None means: the server is closing."""
+
+    def __init__(self) -> None:
+        self._pending: deque[Update | None] = deque(maxlen=BACKLOG)
+        self._ready = asyncio.Event()
+
+    def put(self, update: Update | None) -> None:
+        self._pending.append(update)
+        self._ready.set()
+
+    async def get(self) -> Update | None:
+        while not self._pending:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._pending.popleft()
+
+
+async def read_job(redis: Redis, key: str) -> dict[str, str]:
+    """A job hash as a dict ({} if there is no such job)."""
+    return await redis.hgetall(key)  # type: ignore[return-value]  # decode_responses=True
+
+
+def update_from_job(job: dict[str, str]) -> Update:
+    """The message for a job hash as read from Redis (the same shape the worker publishes)."""
+    message: dict[str, str | int] = {f: job.get(f, "") for f in MESSAGE_FIELDS}
+    message["attempts"] = int(job.get("attempts", 0))
+    message["version"] = version = int(job.get("version", 0))
+    return Update(version, job["status"] in TERMINAL, json.dumps(message))
+
+
+class Hub:
+    """One pub/sub subscription for the whole server, fanned out to watchers by job id."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.watchers: dict[str, set[Watcher]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[Watcher]:
+        watcher = Watcher()
+        self.watchers.setdefault(job_id, set()).add(watcher)
+        try:
+            yield watcher
+        finally:
+            watchers = self.watchers[job_id]
+            watchers.discard(watcher)
+            if not watchers:
+                del self.watchers[job_id]
+
+    def deliver(self, job_id: str, update: Update | None) -> None:
+        for watcher in self.watchers.get(job_id, ()):
+            watcher.put(update)
+
+    def close(self) -> None:
+        for job_id in list(self.watchers):
+            self.deliver(job_id, None)
+
+    async def state(self, job_id: str) -> Update | None:
+        job = await read_job(self.redis, self.keys.job(job_id))
+        return update_from_job(job) if job else None
+
+    async def resync(self) -> None:
+        """Pub/sub drops what is published while it is disconnected: re-read watched jobs."""
+        ids = list(self.watchers)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            jobs = await pipe.execute()
+        for job_id, job in zip(ids, jobs, strict=True):
+            if job:
+                self.deliver(job_id, update_from_job(job))
+
+    def dispatch(self, data: str) -> None:
+        try:
+            message = json.loads(data)
+            job_id, version, status = message["id"], int(message["version"]), message["status"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed message on %s: %.200r", self.keys.events, data)
+            return
+        if job_id in self.watchers:
+            self.deliver(job_id, Update(version, status in TERMINAL, data))
+
+    async def listen(self) -> None:
+        """Follow the events channel forever, resubscribing (and resyncing) after any loss."""
+        delay = 0.1
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.events)
+                while True:
+                    # A finite wait lets the health check notice a silently dead connection.
+                    message = await pubsub.get_message(timeout=HEARTBEAT)
+                    if message is None:
+                        continue
+                    if message["type"] == "message":
+                        self.dispatch(message["data"])
+                    elif message["type"] == "subscribe":  # also after redis-py reconnects
+                        log.info("subscribed to %s", self.keys.events)
+                        await self.resync()
+                        delay = 0.1
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("pub/sub connection lost (%s); resubscribing in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+REDIS = web.AppKey("redis", Redis)
+HUB = web.AppKey("hub", Hub)
+KEYS = web.AppKey("keys", Keys)
+ORIGINS = web.AppKey("origins", frozenset)
+HEARTBEAT_KEY = web.AppKey("heartbeat", float)
+
+
+def error(status: type[web.HTTPError], message: str) -> web.HTTPError:
+    """An HTTP error with the JSON body every error here has."""
+    return status(text=json.dumps({"error": message}), content_type="application/json")
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Give aiohttp's own errors (404, 405, 413) JSON bodies, and Redis outages a 503."""
+    try:
+        return await handler(request)
+    except web.HTTPError as exc:
+        if exc.content_type == "application/json":
+            raise
+        message = {
+            404: "no such endpoint; see README.md for the API",
+            405: f"{request.method} is not allowed here",
+            413: f"request body too large; the limit is {request.client_max_size} bytes",
+        }.get(exc.status, exc.reason)
+        raise error(type(exc), message) from None
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("%s %s: redis unavailable: %s", request.method, request.path, exc)
+        raise error(web.HTTPServiceUnavailable,
+                    "the job store (Redis) is unavailable; try again shortly") from None
+
+
+def job_id_of(request: web.Request) -> str:
+    job_id = request.query.get("id", "")
+    if not job_id:
+        raise error(web.HTTPBadRequest, "missing query parameter: id")
+    if not ID_PATTERN.fullmatch(job_id):
+        raise error(web.HTTPNotFound, "no job with that id")
+    return job_id
+
+
+async def submit(request: web.Request) -> web.Response:
+    if (request.content_length or 0) > request.client_max_size:
+        raise error(web.HTTPRequestEntityTooLarge,
+                    f"request body too large; the limit is {request.client_max_size} bytes")
+    body = await request.read()  # stops with 413 as soon as the limit is passed
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise error(web.HTTPBadRequest, 'body is not valid JSON; send {"input": "..."}') from None
+    if not isinstance(data, dict):
+        raise error(web.HTTPBadRequest, 'body must be a JSON object: {"input": "..."}')
+    text = data.get("input")
+    if not isinstance(text, str):
+        raise error(web.HTTPBadRequest, '"input" is missing or not a string')
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise error(web.HTTPBadRequest, '"input" is not valid Unicode (lone surrogate)') from None
+    job_id, created = uuid.uuid4().hex, now()
+    job = {"id": job_id, "input": text, "status": "queued", "result": "",
+           "error": "", "attempts": 0, "created": created, "updated": created, "version": 1}
+    keys = request.app[KEYS]
+    async with request.app[REDIS].pipeline(transaction=True) as pipe:
+        pipe.hset(keys.job(job_id), mapping=job)  # type: ignore[arg-type]
+        pipe.lpush(keys.queue, job_id)
+        await pipe.execute()
+    return web.json_response(job, status=201, headers={"Location": f"/status?id={job_id}"})
+
+
+async def status(request: web.Request) -> web.Response:
+    job_id = job_id_of(request)
+    job = await read_job(request.app[REDIS], request.app[KEYS].job(job_id))
+    if not job:
+        raise error(web.HTTPNotFound, "no job with that id")
+    return web.json_response(job | {"attempts": int(job.get("attempts", 0)),
+                                    "version": int(job.get("version", 0))})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    await request.app[REDIS].ping()
+    return web.json_response({"status": "ok"})
+
+
+@contextlib.asynccontextmanager
+async def watching(request: web.Request) -> AsyncIterator[Watcher]:
+    """Check the request, then register a watcher BEFORE reading the job's state, so no
+    change can fall between the two; the state read is the watcher's first message."""
+    job_id = job_id_of(request)
+    origin = request.headers.get("Origin")
+    allowed = request.app[ORIGINS]
+    if origin is not None and "*" not in allowed and origin not in allowed \
+            and origin != f"{request.scheme}://{request.host}":
+        raise error(web.HTTPForbidden, f"origin {origin} is not allowed")
+    hub = request.app[HUB]
+    with hub.watch(job_id) as watcher:
+        first = await hub.state(job_id)
+        if first is None:
+            raise error(web.HTTPNotFound, "no job with that id")
+        watcher.put(first)
+        yield watcher
+
+
+async def relay(watcher: Watcher, send: Callable[[str], Awaitable[object]]) -> bool:
+    """Send each newer state in order; True after a terminal one, False if the server closes."""
+    sent = 0
+    while (update := await watcher.get()) is not None:
+        if update.version > sent:
+            await send(update.text)
+            sent = update.version
+            if update.terminal:
+                return True
+    return False
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(heartbeat=request.app[HEARTBEAT_KEY])
+    if not ws.can_prepare(request).ok:
+        raise error(web.HTTPBadRequest, "this endpoint speaks WebSocket; use /events for SSE")
+    async with watching(request) as watcher:
+        await ws.prepare(request)
+
+        async def relay_then_close() -> None:
+            with contextlib.suppress(ConnectionError):
+                finished = await relay(watcher, ws.send_str)
+                await ws.close(code=WSCloseCode.OK if finished else WSCloseCode.GOING_AWAY)
+
+        sender = asyncio.create_task(relay_then_close())
+        try:
+            async for _ in ws:  # the client has nothing to say; reading answers pings and closes
+                pass
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+    return ws
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    async with watching(request) as watcher:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+
+        async def send(text: str) -> None:
+            await response.write(f"data: {text}\n\n".encode())
+
+        sender = asyncio.create_task(relay(watcher, send))
+        try:
+            while not (await asyncio.wait({sender}, timeout=request.app[HEARTBEAT_KEY]))[0]:
+                await response.write(b": keepalive\n\n")
+            await sender
+        except ConnectionError:
+            pass  # the client went away
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await sender
+    return response
+
+
+def make_app(
+    redis_url: str,
+    *,
+    prefix: str = PREFIX,
+    allowed_origins: frozenset[str] = frozenset(),
+    max_input_bytes: int = MAX_INPUT_BYTES,
+    heartbeat: float = HEARTBEAT,
+) -> web.Application:
+    """The application; its Redis client and pub/sub listener live as long as it runs."""
+    app = web.Application(middlewares=[json_errors], client_max_size=max_input_bytes)
+    app[KEYS] = Keys(prefix)
+    app[ORIGINS] = allowed_origins
+    app[HEARTBEAT_KEY] = heartbeat
+
+    async def redis_client(app: web.Application) -> AsyncIterator[None]:
+        pool = BlockingConnectionPool.from_url(
+            redis_url, max_connections=POOL_SIZE, timeout=POOL_WAIT, decode_responses=True,
+            socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=int(HEARTBEAT),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        )
+        app[REDIS] = Redis.from_pool(pool)
+        yield
+        await app[REDIS].aclose()
+
+    async def listener(app: web.Application) -> AsyncIterator[None]:
+        app[HUB] = hub = Hub(app[REDIS], app[KEYS])
+        task = asyncio.create_task(hub.listen())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def close_watchers(app: web.Application) -> None:
+        app[HUB].close()
+
+    app.cleanup_ctx.extend([redis_client, listener])
+    app.on_shutdown.append(close_watchers)
+    app.router.add_post("/submit", submit)
+    app.router.add_get("/status", status)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/events", events)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default=env("HOST", "127.0.0.1"),
+                        help="address to listen on (env HOST; default %(default)s)")
+    parser.add_argument("--port", type=int, default=int(env("PORT", "8080")),
+                        help="port to listen on (env PORT; default %(default)s)")
+    parser.add_argument("--redis-url", default=env("REDIS_URL", "redis://localhost:6379/0"),
+                        help="Redis to use (env REDIS_URL; default %(default)s)")
+    parser.add_argument("--allowed-origins", default=env("ALLOWED_ORIGINS", ""),
+                        help="comma-separated browser origins allowed on /ws and /events, or * "
+                             "(env ALLOWED_ORIGINS; same-origin and no-Origin clients always are)")
+    parser.add_argument("--max-input-bytes", type=int,
+                        default=int(env("MAX_INPUT_BYTES", str(MAX_INPUT_BYTES))),
+                        help="largest request body accepted (env MAX_INPUT_BYTES; "
+                             "default %(default)s)")
+    parser.add_argument("--prefix", default=env("JOBS_PREFIX", PREFIX),
+                        help="key prefix of this deployment (env JOBS_PREFIX; default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(message)s")
+    origins = frozenset(o.strip() for o in args.allowed_origins.split(",") if o.strip())
+    app = make_app(args.redis_url, prefix=args.prefix, allowed_origins=origins,
+                   max_input_bytes=args.max_input_bytes)
+    try:
+        web.run_app(app, host=args.host, port=args.port, shutdown_timeout=2.0,
+                    access_log=None, print=lambda _: log.info("listening on http://%s:%d",
+                                                             args.host, args.port))
+    except OSError as exc:
+        raise SystemExit(f"server: cannot listen on {args.host}:{args.port}: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

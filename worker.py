@@ -1,0 +1,468 @@
+"""Job queue worker: takes jobs from Redis, runs a handler on each, records the outcome.
+
+    python worker.py [--redis-url URL] [--handler MODULE:FUNCTION] [--max-attempts N] [--lease S]
+
+It blocks on Redis for the next job (BLMOVE from the queue into a processing list it owns),
+keeps a lease while it lives, and finishes each job with one Lua script (status, result,
+removal from the processing list, expiry, publish). A worker whose lease expires is presumed
+dead: any live worker puts its jobs back on the queue. Delivery is therefore at-least-once, so
+handlers should be idempotent. A handler that raises is retried with exponential backoff, up to
+--max-attempts tries; then the job is failed and its id kept on the dead-letter list.
+
+First SIGTERM/SIGINT: take no new job, finish the current one within --grace seconds, exit 0.
+Second signal, or the grace running out: put the job back on the queue, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import FrameType
+from typing import TypeVar
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+log = logging.getLogger("worker")
+
+PREFIX = "{jobs}"  # the braces are a Redis Cluster hash tag: all keys share one slot
+TERMINAL = ("done", "failed")
+RETENTION = 86_400  # seconds a finished job is kept
+DEAD_MAX = 10_000  # ids kept on the dead-letter list
+BLOCK = 1  # seconds BLMOVE blocks, so a stop flag is seen at least this often
+MAINTAIN_EVERY = 1.0  # seconds between promoting due retries and reclaiming dead workers' jobs
+REDIS_RETRY_CAP = 5.0  # seconds between tries while Redis is unreachable
+
+T = TypeVar("T")
+Handler = Callable[[str], str]
+
+
+class ColdShutdown(BaseException):
+    """Raised by the second signal: give the current job back and exit now."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis key of one deployment; all share the prefix and so one cluster slot."""
+
+    prefix: str = PREFIX
+
+    @property
+    def queue(self) -> str:  # list of job ids; LPUSH to add, BLMOVE from the right to take
+        return f"{self.prefix}:queue"
+
+    @property
+    def delayed(self) -> str:  # sorted set: ids waiting to be retried, scored by due time
+        return f"{self.prefix}:delayed"
+
+    @property
+    def dead(self) -> str:  # list of ids of failed jobs, newest first
+        return f"{self.prefix}:dead"
+
+    @property
+    def workers(self) -> str:  # set of worker names that may hold jobs
+        return f"{self.prefix}:workers"
+
+    @property
+    def events(self) -> str:  # pub/sub channel: one JSON message per job state change
+        return f"{self.prefix}:events"
+
+    def job(self, job_id: str) -> str:  # hash: the job's fields
+        return f"{self.prefix}:job:{job_id}"
+
+    def processing(self, worker: str) -> str:  # list of ids the worker has taken
+        return f"{self.prefix}:processing:{worker}"
+
+    def lease(self, worker: str) -> str:  # exists while the worker is alive (TTL --lease)
+        return f"{self.prefix}:lease:{worker}"
+
+
+def now() -> str:
+    """The current time in RFC 3339 with an offset."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def upper(text: str) -> str:
+    """The default handler."""
+    return text.upper()
+
+
+# Lua shared by the scripts: emit() publishes the job's state as JSON after every change, and
+# bump() stamps a change; every change raises `version`, so watchers can drop stale messages.
+LUA_PRELUDE = """
+local function emit(key, channel)
+  local f = redis.call('HMGET', key, 'id', 'status', 'result', 'error', 'attempts', 'updated',
+                      'version')
+  redis.call('PUBLISH', channel, cjson.encode({id = f[1], status = f[2], result = f[3] or '',
+    error = f[4] or '', attempts = tonumber(f[5]) or 0, updated = f[6], version = tonumber(f[7])}))
+end
+local function bump(key, status, now)
+  redis.call('HSET', key, 'status', status, 'updated', now)
+  redis.call('HINCRBY', key, 'version', 1)
+end
+"""
+
+# KEYS: job, processing. ARGV: id, now, channel. Marks a taken job running; a job that is not
+# `queued` (a duplicate entry, or already finished) is dropped from the processing list instead.
+START = LUA_PRELUDE + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then
+  redis.call('LREM', KEYS[2], 1, ARGV[1])
+  return false
+end
+bump(KEYS[1], 'running', ARGV[2])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+emit(KEYS[1], ARGV[3])
+return {redis.call('HGET', KEYS[1], 'input'), attempts}
+"""
+
+# KEYS: job, processing, dead, delayed. ARGV: id, outcome (done/failed/retry), result, error,
+# now, channel, retention, due time, dead max. Returns 0 if this worker no longer holds the job
+# (its lease expired and the job was reclaimed): then the other try's outcome stands.
+FINISH = LUA_PRELUDE + """
+if redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then return 0 end
+if ARGV[2] == 'retry' then
+  bump(KEYS[1], 'queued', ARGV[5])
+  redis.call('HSET', KEYS[1], 'error', ARGV[4])
+  redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
+else
+  bump(KEYS[1], ARGV[2], ARGV[5])
+  redis.call('HSET', KEYS[1], 'result', ARGV[3], 'error', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  if ARGV[2] == 'failed' then
+    redis.call('LPUSH', KEYS[3], ARGV[1])
+    redis.call('LTRIM', KEYS[3], 0, ARGV[9] - 1)
+  end
+end
+emit(KEYS[1], ARGV[6])
+return 1
+"""
+
+# KEYS: queue, workers, dead, delayed. ARGV: prefix, channel, now, now (unix), max attempts
+# (0: no limit), retention, dead max, then the workers to reclaim (none: every worker whose
+# lease has expired). Puts the reclaimed workers' unfinished jobs back at the head of the queue
+# (or fails those out of attempts), and moves retries that are due onto the queue.
+RECLAIM = LUA_PRELUDE + """
+local prefix, channel, now = ARGV[1], ARGV[2], ARGV[3]
+local max, moved = tonumber(ARGV[5]), 0
+local workers = {}
+if #ARGV > 7 then
+  for i = 8, #ARGV do workers[#workers + 1] = ARGV[i] end
+else
+  for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    if redis.call('EXISTS', prefix .. ':lease:' .. w) == 0 then workers[#workers + 1] = w end
+  end
+end
+for _, w in ipairs(workers) do
+  local processing = prefix .. ':processing:' .. w
+  for _, id in ipairs(redis.call('LRANGE', processing, 0, -1)) do
+    local key = prefix .. ':job:' .. id
+    local status = redis.call('HGET', key, 'status')
+    if status == 'running' or status == 'queued' then
+      local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 0
+      if status == 'running' and max > 0 and attempts >= max then
+        bump(key, 'failed', now)
+        redis.call('HSET', key, 'error', 'worker ' .. w .. ' was lost on the last attempt')
+        redis.call('EXPIRE', key, ARGV[6])
+        redis.call('LPUSH', KEYS[3], id)
+        redis.call('LTRIM', KEYS[3], 0, ARGV[7] - 1)
+      else
+        if status == 'running' then
+          bump(key, 'queued', now)
+          redis.call('HSET', key, 'error', 'worker ' .. w .. ' was lost; retrying')
+        end
+        redis.call('RPUSH', KEYS[1], id)
+      end
+      if status == 'running' then emit(key, channel) end
+      moved = moved + 1
+    end
+  end
+  redis.call('DEL', processing)
+  redis.call('SREM', KEYS[2], w)
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[4], 'LIMIT', 0, 1000)
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[4], id)
+  redis.call('LPUSH', KEYS[1], id)
+end
+return {moved, #due}
+"""
+
+
+def load_handler(spec: str) -> Handler:
+    """Import MODULE:FUNCTION, or explain in one line why it cannot be."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise SystemExit(f"worker: --handler must look like MODULE:FUNCTION, not {spec!r}")
+    try:
+        handler = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"worker: cannot load handler {spec!r}: {exc}") from None
+    if not callable(handler):
+        raise SystemExit(f"worker: handler {spec!r} is not callable")
+    return handler  # type: ignore[no-any-return]
+
+
+class Worker:
+    """One worker process: a loop of take, run, finish, with a lease kept alive throughout."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        handler: Handler = upper,
+        *,
+        max_attempts: int = 3,
+        lease: float = 30.0,
+        grace: float = 10.0,
+        backoff: float = 1.0,
+        retention: int = RETENTION,
+        prefix: str = PREFIX,
+    ) -> None:
+        self.handler = handler
+        self.max_attempts = max_attempts
+        self.lease = lease
+        self.grace = grace
+        self.backoff = backoff
+        self.retention = retention
+        self.keys = Keys(prefix)
+        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.redis = redis.Redis.from_url(
+            redis_url,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
+            socket_timeout=BLOCK + 5.0,  # longer than the BLMOVE block
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
+        )
+        self._start = self.redis.register_script(START)
+        self._finish = self.redis.register_script(FINISH)
+        self._reclaim = self.redis.register_script(RECLAIM)
+        self.stopping = False  # set by the first signal (a plain flag: Event.set from a
+        # signal handler can deadlock on the Event's own lock)
+        self._stop_deadline = float("inf")  # monotonic time when the grace runs out
+        self._next_beat = 0.0
+        self._next_maintain = 0.0
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            raise ColdShutdown
+        log.info("%s: finishing the current job, then exiting (signal again to stop now)",
+                 signal.Signals(signum).name)
+        self._stop_deadline = time.monotonic() + self.grace
+        self.stopping = True
+
+    # -- Redis steps ---------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Renew the lease (and re-register, in case this worker was presumed dead)."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.lease(self.name), "1", px=int(self.lease * 1000))
+            pipe.sadd(self.keys.workers, self.name)
+            pipe.execute()
+        self._next_beat = time.monotonic() + self.lease / 3
+
+    def reclaim(self, *workers: str, max_attempts: int | None = None) -> tuple[int, int]:
+        """Requeue the jobs of the named workers (default: those whose lease expired) and
+        move due retries onto the queue. Returns (jobs requeued, retries moved)."""
+        k = self.keys
+        moved, due = self._reclaim(
+            keys=[k.queue, k.workers, k.dead, k.delayed],
+            args=[k.prefix, k.events, now(), time.time(),
+                  self.max_attempts if max_attempts is None else max_attempts,
+                  self.retention, DEAD_MAX, *workers],
+        )
+        if moved:
+            log.warning("requeued %d job(s) of lost worker(s)", moved)
+        self._next_maintain = time.monotonic() + MAINTAIN_EVERY
+        return int(moved), int(due)
+
+    def take(self) -> tuple[str, str, int] | None:
+        """Block up to BLOCK seconds for a job; return (id, input, attempt) once it is running."""
+        taken = self.redis.blmove(self.keys.queue, self.keys.processing(self.name),
+                                  BLOCK, "RIGHT", "LEFT")
+        if taken is None:
+            return None
+        job_id = str(taken)
+        started = self._start(keys=[self.keys.job(job_id), self.keys.processing(self.name)],
+                              args=[job_id, now(), self.keys.events])
+        if not started:
+            return None
+        return job_id, str(started[0]), int(started[1])
+
+    def finish(self, job_id: str, outcome: str, result: str = "", error: str = "",
+               due: float = 0.0) -> bool:
+        """Record done/failed/retry atomically; False if the job was reclaimed meanwhile."""
+        k = self.keys
+        held = self._finish(
+            keys=[k.job(job_id), k.processing(self.name), k.dead, k.delayed],
+            args=[job_id, outcome, result, error, now(), k.events, self.retention, due, DEAD_MAX],
+        )
+        if not held:
+            log.warning("job %s was reclaimed while this worker ran it; dropping this result",
+                        job_id)
+        return bool(held)
+
+    # -- running a job -------------------------------------------------------------------------
+
+    def run_handler(self, text: str) -> tuple[bool, str]:
+        """Run the handler in a thread, renewing the lease meanwhile.
+
+        Returns (True, result) or (False, error). Raises ColdShutdown on a second signal or when
+        the grace runs out; the thread is then abandoned (a daemon), since a handler cannot be
+        interrupted from outside."""
+        outcome: list[tuple[bool, str]] = []
+
+        def call() -> None:
+            try:
+                result = self.handler(text)
+                if not isinstance(result, str):
+                    raise TypeError(f"handler returned {type(result).__name__}, not str")
+                outcome.append((True, result))
+            except Exception as exc:  # the handler's failure is the job's, not ours
+                outcome.append((False, f"{type(exc).__name__}: {exc}"))
+
+        thread = threading.Thread(target=call, name="handler", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            if time.monotonic() >= self._stop_deadline:
+                log.warning("grace of %.1fs ran out", self.grace)
+                raise ColdShutdown
+            wait = min(self._next_beat, self._stop_deadline) - time.monotonic()
+            thread.join(min(max(wait, 0.0), 1.0))  # wake at least once a second for a signal
+            if time.monotonic() >= self._next_beat:
+                try:
+                    self.heartbeat()
+                except redis.RedisError as exc:
+                    log.warning("cannot renew lease: %s", exc)
+                    self._next_beat = time.monotonic() + 1.0
+        return outcome[0]
+
+    def until_recorded(self, step: Callable[[], T]) -> T:
+        """Run a Redis step until Redis takes it: a result is never dropped for an outage."""
+        delay = 0.1
+        while True:
+            try:
+                return step()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() >= self._stop_deadline:
+                    raise ColdShutdown from exc
+                log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, REDIS_RETRY_CAP)
+
+    def process(self, job_id: str, text: str, attempt: int) -> None:
+        log.info("job %s: running (attempt %d)", job_id, attempt)
+        ok, value = self.run_handler(text)
+        if ok:
+            self.until_recorded(lambda: self.finish(job_id, "done", result=value))
+            log.info("job %s: done", job_id)
+        elif attempt < self.max_attempts:
+            delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
+            self.until_recorded(lambda: self.finish(job_id, "retry", error=value,
+                                                    due=time.time() + delay))
+            log.warning("job %s: %s; retrying in %.1fs", job_id, value, delay)
+        else:
+            self.until_recorded(lambda: self.finish(job_id, "failed", error=value))
+            log.error("job %s: failed after %d attempts: %s", job_id, attempt, value)
+
+    def step(self) -> None:
+        """One turn of the loop: keep the lease, tidy up, take and run at most one job."""
+        if time.monotonic() >= self._next_beat:
+            self.heartbeat()
+        if time.monotonic() >= self._next_maintain:
+            self.reclaim()
+        job = self.take()
+        if job is not None:
+            self.process(*job)
+
+    def run(self) -> int:
+        """Work until signalled; return the exit status (0 warm stop, 1 cold stop)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        log.info("worker %s: waiting for jobs on %s", self.name, self.keys.queue)
+        delay = 0.1
+        try:
+            while not self.stopping:
+                try:
+                    self.step()
+                    delay = 0.1
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, REDIS_RETRY_CAP)
+        except ColdShutdown:
+            log.warning("stopping now: giving this worker's jobs back to the queue")
+            self.close(requeue=True)
+            return 1
+        self.close(requeue=False)
+        log.info("worker %s: stopped", self.name)
+        return 0
+
+    def close(self, *, requeue: bool) -> None:
+        """Leave the worker set; with requeue, first give back whatever this worker holds."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)  # one more signal kills outright
+        try:
+            if requeue:
+                self.reclaim(self.name, max_attempts=0)
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.lease(self.name), self.keys.processing(self.name))
+                pipe.srem(self.keys.workers, self.name)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not deregister (%s); the lease will expire in %.0fs",
+                        exc, self.lease)
+        self.redis.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--redis-url", default=env("REDIS_URL", "redis://localhost:6379/0"),
+                        help="Redis to work against (env REDIS_URL; default %(default)s)")
+    parser.add_argument("--handler", default=env("JOB_HANDLER", ""),
+                        help="MODULE:FUNCTION taking the input str, returning the result str "
+                             "(env JOB_HANDLER; default: upper-case the input)")
+    parser.add_argument("--max-attempts", type=int, default=3,
+                        help="tries before a job is failed (default %(default)s)")
+    parser.add_argument("--lease", type=float, default=30.0,
+                        help="seconds without a heartbeat before this worker's jobs are given "
+                             "to others (default %(default)s)")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds a stop waits for the current job (default %(default)s)")
+    parser.add_argument("--backoff", type=float, default=1.0,
+                        help="seconds before the first retry, doubling after (default %(default)s)")
+    parser.add_argument("--retention", type=int, default=int(env("JOBS_RETENTION", RETENTION)),
+                        help="seconds a finished job is kept (env JOBS_RETENTION; "
+                             "default %(default)s)")
+    parser.add_argument("--prefix", default=env("JOBS_PREFIX", PREFIX),
+                        help="key prefix of this deployment (env JOBS_PREFIX; default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.max_attempts < 1 or args.lease <= BLOCK * 2 or args.grace < 0 or args.backoff < 0:
+        parser.error(f"need --max-attempts >= 1, --lease > {BLOCK * 2:g}, "
+                     "--grace >= 0, --backoff >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(message)s")
+    handler = load_handler(args.handler) if args.handler else upper
+    worker = Worker(args.redis_url, handler, max_attempts=args.max_attempts, lease=args.lease,
+                    grace=args.grace, backoff=args.backoff, retention=args.retention,
+                    prefix=args.prefix)
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
