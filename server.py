@@ -170,9 +170,21 @@ ORIGINS = web.AppKey("origins", frozenset)
 HEARTBEAT_KEY = web.AppKey("heartbeat", float)
 
 
-def error(status: type[web.HTTPError], message: str) -> web.HTTPError:
+async def cancel_and_wait(task: asyncio.Task[object]) -> None:
+    """Cancel a task and wait until it has ended. Cancel again while it runs: on Python 3.11,
+    a cancel that lands as an inner asyncio.wait_for completes (as in redis-py's connect) is
+    swallowed (CPython gh-86296, fixed in 3.12)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.result()  # an error in the task is not hidden
+
+
+def error(status: type[web.HTTPError], message: str, **kwargs: int) -> web.HTTPError:
     """An HTTP error with the JSON body every error here has."""
-    return status(text=json.dumps({"error": message}), content_type="application/json")
+    return status(text=json.dumps({"error": message}), content_type="application/json",
+                  **kwargs)  # type: ignore[arg-type]
 
 
 @web.middleware
@@ -190,7 +202,8 @@ async def json_errors(
             405: f"{request.method} is not allowed here",
             413: f"request body too large; the limit is {request.client_max_size} bytes",
         }.get(exc.status, exc.reason)
-        raise error(type(exc), message) from None
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response({"error": message}, status=exc.status, headers=headers)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("%s %s: redis unavailable: %s", request.method, request.path, exc)
         raise error(web.HTTPServiceUnavailable,
@@ -207,9 +220,11 @@ def job_id_of(request: web.Request) -> str:
 
 
 async def submit(request: web.Request) -> web.Response:
-    if (request.content_length or 0) > request.client_max_size:
+    limit = request.client_max_size
+    if (request.content_length or 0) > limit:
         raise error(web.HTTPRequestEntityTooLarge,
-                    f"request body too large; the limit is {request.client_max_size} bytes")
+                    f"request body too large; the limit is {limit} bytes",
+                    max_size=limit, actual_size=request.content_length or 0)
     body = await request.read()  # stops with 413 as soon as the limit is passed
     try:
         data = json.loads(body)
@@ -297,9 +312,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             async for _ in ws:  # the client has nothing to say; reading answers pings and closes
                 pass
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            await cancel_and_wait(sender)
     return ws
 
 
@@ -320,9 +333,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         except ConnectionError:
             pass  # the client went away
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await sender
+            with contextlib.suppress(ConnectionError):
+                await cancel_and_wait(sender)
     return response
 
 
@@ -343,6 +355,7 @@ def make_app(
     async def redis_client(app: web.Application) -> AsyncIterator[None]:
         pool = BlockingConnectionPool.from_url(
             redis_url, max_connections=POOL_SIZE, timeout=POOL_WAIT, decode_responses=True,
+            client_name="jobs-server",
             socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=int(HEARTBEAT),
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         )
@@ -354,9 +367,7 @@ def make_app(
         app[HUB] = hub = Hub(app[REDIS], app[KEYS])
         task = asyncio.create_task(hub.listen())
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     async def close_watchers(app: web.Application) -> None:
         app[HUB].close()

@@ -241,6 +241,7 @@ class Worker:
         self.redis = redis.Redis.from_url(
             redis_url,
             decode_responses=True,
+            client_name="jobs-worker",
             socket_connect_timeout=2.0,
             socket_timeout=BLOCK + 5.0,  # longer than the BLMOVE block
             health_check_interval=30,

@@ -1,0 +1,185 @@
+"""Shared fixtures: a real Redis (REDIS_URL, default the local one), a key prefix per test,
+and processes that are always stopped by their pid."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "") -> T:
+    """Poll until predicate() is truthy, failing the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.02)
+    return value
+
+
+async def eventually(predicate: Callable[[], Awaitable[T]], within: float = 15.0,
+                     what: str = "") -> T:
+    deadline = time.monotonic() + within
+    while not (value := await predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within}s waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
+    """Stop a process we started, by its pid, and reap it."""
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+    proc.wait(timeout=30)
+
+
+class Procs:
+    """Starts the project's programs as subprocesses; stops every one of them at teardown."""
+
+    def __init__(self, redis_url: str, prefix: str, tmp: Path) -> None:
+        self.redis_url, self.prefix, self.tmp = redis_url, prefix, tmp
+        self.started: list[subprocess.Popen[str]] = []
+        self.logs: dict[int, Path] = {}
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "REDIS_URL": self.redis_url, "JOBS_PREFIX": self.prefix,
+                "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "PYTHONUNBUFFERED": "1",
+                **extra}
+
+    def start(self, *args: str, log: str = "", **kwargs: Any) -> subprocess.Popen[str]:
+        path = self.tmp / (log or f"proc{len(self.started)}.log")
+        with open(path, "w") as out:
+            proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                    text=True, env=kwargs.pop("env", self.env()), **kwargs)
+        self.started.append(proc)
+        self.logs[proc.pid] = path
+        return proc
+
+    def worker(self, *args: str) -> subprocess.Popen[str]:
+        return self.start(sys.executable, "worker.py", "--lease", "3", "--backoff", "0.05",
+                          *args, log=f"worker{len(self.started)}.log")
+
+    def server(self, port: int, *args: str) -> subprocess.Popen[str]:
+        proc = self.start(sys.executable, "server.py", "--port", str(port), *args,
+                          log=f"server{len(self.started)}.log")
+        wait_until(lambda: port_open(port) or proc.poll() is not None, what="server to listen")
+        assert proc.poll() is None, "server exited at start"
+        return proc
+
+    def log(self, proc: subprocess.Popen[str]) -> str:
+        return self.logs[proc.pid].read_text()
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            stop(proc)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return REDIS_URL
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted before and after."""
+    name = f"{{test-{uuid.uuid4().hex[:12]}}}"
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"tests need a Redis at {redis_url} (set REDIS_URL): {exc}")
+    yield name
+    delete_prefix(client, name)
+    client.close()
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def procs(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(redis_url, prefix, tmp_path)
+    yield p
+    p.stop_all()
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, with AOF in its own folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.folder), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--logfile", str(self.folder / "redis.log")])
+        client = redis.Redis(port=self.port)
+        wait_until(lambda: self._ping(client), what="redis-server to answer")
+        client.close()
+
+    @staticmethod
+    def _ping(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            stop(self.proc, sig)
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is needed on PATH for the restart tests")
+    folder = Path(tempfile.mkdtemp(prefix="jobs-redis-"))
+    server = RedisServer(folder)
+    server.start()
+    yield server
+    server.stop(signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)

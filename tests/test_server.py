@@ -1,0 +1,327 @@
+"""server.py in process (aiohttp_client), against a real Redis; jobs are moved along by a
+Worker object of this process, or by writing to Redis directly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+
+from server import make_app
+from tests.conftest import free_port
+from worker import Keys, Worker
+
+Client = TestClient[Any, Any]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def make_client(aiohttp_client: Any, redis_url: str, prefix: str) -> MakeClient:
+    async def make(**kwargs: Any) -> Client:
+        return await aiohttp_client(  # type: ignore[no-any-return]
+            make_app(kwargs.pop("redis_url", redis_url), prefix=prefix, **kwargs))
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> Client:
+    return await make_client()
+
+
+@pytest.fixture
+def worker(redis_url: str, prefix: str) -> Worker:
+    """A worker driven step by step from the test (not its run loop)."""
+    return Worker(redis_url, prefix=prefix, backoff=0.0)
+
+
+async def submit(client: Client, text: str = "hello world") -> dict[str, Any]:
+    response = await client.post("/submit", json={"input": text})
+    assert response.status == 201, await response.text()
+    return await response.json()  # type: ignore[no-any-return]
+
+
+async def work_one(worker: Worker) -> None:
+    """Take the next job and run it to its outcome, as the worker's loop would."""
+    job = await asyncio.to_thread(worker.take)
+    assert job is not None
+    await asyncio.to_thread(worker.process, *job)
+
+
+async def assert_error(response: aiohttp.ClientResponse, status: int, words: str) -> None:
+    assert response.status == status
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert words in body["error"], body
+
+
+def kill_subscriptions(r: redis.Redis) -> int:
+    """CLIENT KILL the pub/sub connections of servers; returns how many there were."""
+    subscribers = [c for c in r.client_list() if c["name"] == "jobs-server" and c["sub"] != "0"]
+    for c in subscribers:
+        r.client_kill_filter(_id=c["id"])
+    return len(subscribers)
+
+
+def job_keys(r: redis.Redis, prefix: str) -> list[str]:
+    return list(r.scan_iter(match=f"{prefix}:*"))
+
+
+# -- submit and status ---------------------------------------------------------------------------
+
+async def test_submit_stores_and_queues_the_job(client: Client, r: redis.Redis,
+                                                prefix: str) -> None:
+    job = await submit(client)
+    assert re.fullmatch(r"[0-9a-f]{32}", job["id"])
+    assert job | {"id": "", "created": "", "updated": ""} == {
+        "id": "", "input": "hello world", "status": "queued", "result": "", "error": "",
+        "attempts": 0, "created": "", "updated": "", "version": 1}
+    assert datetime.fromisoformat(job["created"]).utcoffset() is not None
+    keys = Keys(prefix)
+    assert r.lrange(keys.queue, 0, -1) == [job["id"]]
+    assert r.hget(keys.job(job["id"]), "input") == "hello world"
+
+
+async def test_ids_are_unique(client: Client) -> None:
+    jobs = await asyncio.gather(*(submit(client) for _ in range(50)))
+    assert len({job["id"] for job in jobs}) == 50
+
+
+async def test_status_follows_the_job(client: Client, worker: Worker) -> None:
+    job = await submit(client)
+    response = await client.get("/status", params={"id": job["id"]})
+    assert (await response.json())["status"] == "queued"
+    await work_one(worker)
+    body = await (await client.get("/status", params={"id": job["id"]})).json()
+    assert (body["status"], body["result"], body["attempts"]) == ("done", "HELLO WORLD", 1)
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe\x00", "not valid JSON"),
+    (b"[" * 100_000, "not valid JSON"),
+    (b'["hello"]', "must be a JSON object"),
+    (b'"hello"', "must be a JSON object"),
+    (b"{}", '"input" is missing or not a string'),
+    (b'{"input": 42}', '"input" is missing or not a string'),
+    (b'{"input": null}', '"input" is missing or not a string'),
+    (b'{"input": "\\ud800"}', "not valid Unicode"),
+])
+async def test_submit_rejects_bad_input(client: Client, r: redis.Redis, prefix: str,
+                                        body: bytes, words: str) -> None:
+    response = await client.post("/submit", data=body,
+                                 headers={"Content-Type": "application/json"})
+    await assert_error(response, 400, words)
+    assert job_keys(r, prefix) == []  # nothing half-written
+
+
+async def test_submit_refuses_a_large_body_before_reading_it(make_client: MakeClient,
+                                                             r: redis.Redis,
+                                                             prefix: str) -> None:
+    client = await make_client(max_input_bytes=1000)
+    response = await client.post("/submit", json={"input": "x" * 2000})
+    await assert_error(response, 413, "limit is 1000 bytes")
+
+    async def chunks() -> Any:  # no Content-Length: refused once the limit is passed
+        for _ in range(100):
+            yield b"x" * 500
+
+    response = await client.post("/submit", data=chunks())
+    await assert_error(response, 413, "too large")
+    assert (await submit(client, "x" * 900))["input"] == "x" * 900
+    assert len(job_keys(r, prefix)) == 2  # the accepted job and the queue, nothing else
+
+
+async def test_status_errors(client: Client) -> None:
+    await assert_error(await client.get("/status"), 400, "missing query parameter: id")
+    await assert_error(await client.get("/status", params={"id": "0" * 32}), 404, "no job")
+    await assert_error(await client.get("/status", params={"id": "../x"}), 404, "no job")
+
+
+async def test_unknown_routes_and_methods_get_json_errors(client: Client) -> None:
+    await assert_error(await client.get("/nope"), 404, "no such endpoint")
+    await assert_error(await client.get("/submit"), 405, "GET is not allowed")
+
+
+async def test_healthz(client: Client) -> None:
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_redis_unreachable_is_503_and_the_server_stays_up(make_client: MakeClient) -> None:
+    client = await make_client(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    await assert_error(await client.get("/healthz"), 503, "unavailable")
+    await assert_error(await client.post("/submit", json={"input": "x"}), 503, "unavailable")
+    await assert_error(await client.get("/status", params={"id": "a" * 32}), 503, "unavailable")
+    await assert_error(await client.get("/events", params={"id": "a" * 32}), 503, "unavailable")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await client.ws_connect("/ws", params={"id": "a" * 32})
+    assert caught.value.status == 503
+
+
+async def test_hundreds_of_concurrent_submits_all_succeed(client: Client) -> None:
+    responses = await asyncio.gather(
+        *(client.post("/submit", json={"input": str(i)}) for i in range(500)))
+    assert [resp.status for resp in responses] == [201] * 500
+
+
+# -- live updates --------------------------------------------------------------------------------
+
+async def read_ws(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+    messages = []
+    async for message in ws:
+        assert message.type is aiohttp.WSMsgType.TEXT
+        messages.append(json.loads(message.data))
+    return messages
+
+
+async def test_websocket_first_state_then_each_change_then_close(client: Client,
+                                                                 worker: Worker) -> None:
+    job = await submit(client)
+    async with client.ws_connect("/ws", params={"id": job["id"]}) as ws:
+        first = await ws.receive_json(timeout=5)
+        assert (first["id"], first["status"]) == (job["id"], "queued")
+        await work_one(worker)
+        rest = await asyncio.wait_for(read_ws(ws), 5)
+    assert [m["status"] for m in rest] == ["running", "done"]
+    assert rest[-1]["result"] == "HELLO WORLD"
+    assert ws.close_code == aiohttp.WSCloseCode.OK
+
+
+async def test_websocket_on_a_finished_job_sends_it_and_closes(client: Client,
+                                                               worker: Worker) -> None:
+    job = await submit(client)
+    await work_one(worker)
+    async with client.ws_connect("/ws", params={"id": job["id"]}) as ws:
+        messages = await asyncio.wait_for(read_ws(ws), 5)
+    assert [(m["status"], m["result"]) for m in messages] == [("done", "HELLO WORLD")]
+    assert ws.close_code == aiohttp.WSCloseCode.OK
+
+
+async def test_failed_job_message_carries_the_error(client: Client, redis_url: str,
+                                                    prefix: str) -> None:
+    def fail(text: str) -> str:
+        raise RuntimeError("no thanks")
+
+    worker = Worker(redis_url, fail, prefix=prefix, max_attempts=1)
+    job = await submit(client)
+    async with client.ws_connect("/ws", params={"id": job["id"]}) as ws:
+        await ws.receive_json(timeout=5)
+        await work_one(worker)
+        messages = await asyncio.wait_for(read_ws(ws), 5)
+    assert messages[-1]["status"] == "failed"
+    assert messages[-1]["error"] == "RuntimeError: no thanks"
+
+
+async def test_websocket_refusals_come_before_the_upgrade(client: Client) -> None:
+    for params, status in [({}, 400), ({"id": "0" * 32}, 404), ({"id": "zz"}, 404)]:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await client.ws_connect("/ws", params=params)
+        assert caught.value.status == status
+    job = await submit(client)
+    response = await client.get("/ws", params={"id": job["id"]})  # not an upgrade
+    await assert_error(response, 400, "speaks WebSocket")
+
+
+async def test_origin_check(make_client: MakeClient) -> None:
+    client = await make_client(allowed_origins=frozenset({"https://app.example"}))
+    job = await submit(client)
+    params = {"id": job["id"]}
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await client.ws_connect("/ws", params=params, origin="https://evil.example")
+    assert caught.value.status == 403
+    response = await client.get("/events", params=params, headers={"Origin": "https://evil.ex"})
+    await assert_error(response, 403, "origin https://evil.ex is not allowed")
+    same = f"http://{client.host}:{client.port}"
+    for origin in ("https://app.example", same, None):
+        ws = await client.ws_connect("/ws", params=params, origin=origin)
+        assert (await ws.receive_json(timeout=5))["status"] == "queued"
+        await ws.close()
+
+
+async def test_server_events_stream(client: Client, worker: Worker) -> None:
+    job = await submit(client)
+    response = await client.get("/events", params={"id": job["id"]})
+    assert response.status == 200
+    assert response.content_type == "text/event-stream"
+    first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+    assert json.loads(first.removeprefix(b"data: "))["status"] == "queued"
+    await work_one(worker)
+    rest = (await asyncio.wait_for(response.content.read(), 5)).decode()  # ends after done
+    statuses = [json.loads(line[6:])["status"] for line in rest.split("\n")
+                if line.startswith("data: ")]
+    assert statuses == ["running", "done"]
+
+
+async def test_events_errors(client: Client) -> None:
+    await assert_error(await client.get("/events"), 400, "missing query parameter: id")
+    await assert_error(await client.get("/events", params={"id": "1" * 32}), 404, "no job")
+
+
+async def test_a_peer_that_stops_answering_pings_is_dropped(make_client: MakeClient) -> None:
+    client = await make_client(heartbeat=0.2)
+    job = await submit(client)
+    ws = await client.ws_connect("/ws", params={"id": job["id"]}, autoping=False)
+    assert (await ws.receive_json(timeout=5))["status"] == "queued"
+    kinds = []
+    while (message := await ws.receive(timeout=10)).type is aiohttp.WSMsgType.PING:
+        kinds.append(message.type)  # never answered
+    assert kinds and message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    await ws.close()
+
+
+async def test_changes_while_pubsub_was_down_are_pushed_after_resubscribe(
+        client: Client, worker: Worker, r: redis.Redis, prefix: str) -> None:
+    job = await submit(client)
+    async with client.ws_connect("/ws", params={"id": job["id"]}) as ws:
+        assert (await ws.receive_json(timeout=5))["status"] == "queued"
+        # Finish the job without a message, as if it were published while the server was
+        # not subscribed; then cut the subscription: the resync after it must find the change.
+        r.hset(Keys(prefix).job(job["id"]),
+               mapping={"status": "done", "result": "SET BY HAND", "version": 5})
+        kill_subscriptions(r)
+        messages = await asyncio.wait_for(read_ws(ws), 10)
+    assert messages[-1]["status"] == "done"
+    assert messages[-1]["result"] == "SET BY HAND"
+
+
+async def test_one_subscription_however_many_watchers(client: Client, r: redis.Redis,
+                                                      prefix: str) -> None:
+    job = await submit(client)
+    sockets = [await client.ws_connect("/ws", params={"id": job["id"]}) for _ in range(20)]
+    for ws in sockets:
+        await ws.receive_json(timeout=5)
+    channel = Keys(prefix).events
+    assert r.pubsub_numsub(channel) == [(channel, 1)]
+    for ws in sockets:
+        await ws.close()
+
+
+async def test_shutdown_closes_watchers_going_away(client: Client) -> None:
+    job = await submit(client)
+    ws = await client.ws_connect("/ws", params={"id": job["id"]})
+    await ws.receive_json(timeout=5)
+    await client.server.close()  # runs on_shutdown
+    message = await ws.receive(timeout=5)
+    assert message.type is aiohttp.WSMsgType.CLOSE
+    assert message.data == aiohttp.WSCloseCode.GOING_AWAY
+    await ws.close()
+
+
+async def test_watcher_sees_job_of_another_server(make_client: MakeClient,
+                                                  worker: Worker) -> None:
+    first, second = await make_client(), await make_client()
+    job = await submit(first)
+    async with second.ws_connect("/ws", params={"id": job["id"]}) as ws:
+        await ws.receive_json(timeout=5)
+        await work_one(worker)
+        messages = await asyncio.wait_for(read_ws(ws), 5)
+    assert messages[-1]["result"] == "HELLO WORLD"
