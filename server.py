@@ -210,6 +210,13 @@ async def json_errors(
                     "the job store (Redis) is unavailable; try again shortly") from None
 
 
+def new_job(text: str) -> dict[str, str | int]:
+    """A job as first stored: every field there, queued, version 1."""
+    created = now()
+    return {"id": uuid.uuid4().hex, "input": text, "status": "queued", "result": "", "error": "",
+            "attempts": 0, "created": created, "updated": created, "version": 1}
+
+
 def job_id_of(request: web.Request) -> str:
     job_id = request.query.get("id", "")
     if not job_id:
@@ -239,10 +246,8 @@ async def submit(request: web.Request) -> web.Response:
         text.encode()
     except UnicodeEncodeError:
         raise error(web.HTTPBadRequest, '"input" is not valid Unicode (lone surrogate)') from None
-    job_id, created = uuid.uuid4().hex, now()
-    job = {"id": job_id, "input": text, "status": "queued", "result": "",
-           "error": "", "attempts": 0, "created": created, "updated": created, "version": 1}
-    keys = request.app[KEYS]
+    job = new_job(text)
+    job_id, keys = str(job["id"]), request.app[KEYS]
     async with request.app[REDIS].pipeline(transaction=True) as pipe:
         pipe.hset(keys.job(job_id), mapping=job)  # type: ignore[arg-type]
         pipe.lpush(keys.queue, job_id)

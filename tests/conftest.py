@@ -20,6 +20,9 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
+from server import new_job
+from worker import Keys
+
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 T = TypeVar("T")
@@ -102,6 +105,20 @@ class Procs:
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def enqueue(client: redis.Redis, prefix: str, text: str) -> str:
+    """Queue a job the way POST /submit does; return its id."""
+    job, keys = new_job(text), Keys(prefix)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.job(str(job["id"])), mapping=job)  # type: ignore[arg-type]
+        pipe.lpush(keys.queue, job["id"])
+        pipe.execute()
+    return str(job["id"])
+
+
+def job(client: redis.Redis, prefix: str, job_id: str) -> dict[str, str]:
+    return client.hgetall(Keys(prefix).job(job_id))  # type: ignore[return-value]
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> None:
