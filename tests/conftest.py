@@ -24,7 +24,6 @@ from server import new_job
 from worker import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 T = TypeVar("T")
 
 
@@ -127,9 +126,22 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
         client.delete(*keys)
 
 
-@pytest.fixture
-def redis_url() -> str:
-    return REDIS_URL
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL (default the local Redis); if none answers there and REDIS_URL is not set,
+    a throwaway redis-server of the session's own, so the tests need only the binary."""
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    if RedisServer.answers(redis.Redis.from_url(url)) or "REDIS_URL" in os.environ:
+        yield url
+        return
+    if shutil.which("redis-server") is None:
+        pytest.fail(f"no Redis answers at {url}, and redis-server is not installed to start one")
+    folder = Path(tempfile.mkdtemp(prefix="jobs-test-redis-"))
+    server = RedisServer(folder)
+    server.start()
+    yield server.url
+    server.stop(signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -173,16 +185,17 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
              str(self.folder), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
              "--logfile", str(self.folder / "redis.log")])
-        client = redis.Redis(port=self.port)
-        wait_until(lambda: self._ping(client), what="redis-server to answer")
-        client.close()
+        wait_until(lambda: self.answers(redis.Redis(port=self.port)),
+                   what="redis-server to answer")
 
     @staticmethod
-    def _ping(client: redis.Redis) -> bool:
+    def answers(client: redis.Redis) -> bool:
         try:
             return bool(client.ping())
         except redis.ConnectionError:
             return False
+        finally:
+            client.close()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
