@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import re
+import resource
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, web
@@ -84,48 +85,75 @@ def update_from_job(job: dict[str, str]) -> Update:
     return Update(version, job["status"] in TERMINAL, json.dumps(message))
 
 
+class Topic:
+    """The watchers of one job, and the newest state of it this server has seen.
+
+    A topic lives from its first watcher's registration to its last one's leaving; every change
+    published in that time reaches `latest`, so a watcher joining later can start from it
+    without reading Redis."""
+
+    def __init__(self) -> None:
+        self.watchers: set[Watcher] = set()
+        self.latest: Update | None = None
+        self.loading: asyncio.Task[None] | None = None
+
+    def offer(self, update: Update) -> None:
+        if self.latest is None or update.version > self.latest.version:
+            self.latest = update
+            for watcher in self.watchers:
+                watcher.put(update)
+
+
 class Hub:
     """One pub/sub subscription for the whole server, fanned out to watchers by job id."""
 
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self.watchers: dict[str, set[Watcher]] = {}
+        self.topics: dict[str, Topic] = {}
 
-    @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[Watcher]:
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[Watcher | None]:
+        """Register a watcher, then give it the job's state (None: no such job). Registering
+        first means no change can fall between the state read and the first message."""
         watcher = Watcher()
-        self.watchers.setdefault(job_id, set()).add(watcher)
+        topic = self.topics.setdefault(job_id, Topic())
+        topic.watchers.add(watcher)
         try:
-            yield watcher
+            if topic.latest is not None:
+                watcher.put(topic.latest)
+            else:  # one read serves every watcher that arrives while it runs
+                if topic.loading is None or topic.loading.done():
+                    topic.loading = asyncio.create_task(self.load(job_id, topic))
+                    # Its error goes to every waiter; retrieve it even if all have gone.
+                    topic.loading.add_done_callback(lambda t: t.cancelled() or t.exception())
+                await asyncio.shield(topic.loading)
+            yield watcher if topic.latest is not None else None
         finally:
-            watchers = self.watchers[job_id]
-            watchers.discard(watcher)
-            if not watchers:
-                del self.watchers[job_id]
+            topic.watchers.discard(watcher)
+            if not topic.watchers:
+                del self.topics[job_id]
 
-    def deliver(self, job_id: str, update: Update | None) -> None:
-        for watcher in self.watchers.get(job_id, ()):
-            watcher.put(update)
+    async def load(self, job_id: str, topic: Topic) -> None:
+        job = await read_job(self.redis, self.keys.job(job_id))
+        if job:
+            topic.offer(update_from_job(job))
 
     def close(self) -> None:
-        for job_id in list(self.watchers):
-            self.deliver(job_id, None)
-
-    async def state(self, job_id: str) -> Update | None:
-        job = await read_job(self.redis, self.keys.job(job_id))
-        return update_from_job(job) if job else None
+        for topic in self.topics.values():
+            for watcher in topic.watchers:
+                watcher.put(None)
 
     async def resync(self) -> None:
         """Pub/sub drops what is published while it is disconnected: re-read watched jobs."""
-        ids = list(self.watchers)
+        ids = list(self.topics)
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(self.keys.job(job_id))
             jobs = await pipe.execute()
         for job_id, job in zip(ids, jobs, strict=True):
-            if job:
-                self.deliver(job_id, update_from_job(job))
+            if job and job_id in self.topics:
+                self.topics[job_id].offer(update_from_job(job))
 
     def dispatch(self, data: str) -> None:
         try:
@@ -134,8 +162,8 @@ class Hub:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed message on %s: %.200r", self.keys.events, data)
             return
-        if job_id in self.watchers:
-            self.deliver(job_id, Update(version, status in TERMINAL, data))
+        if (topic := self.topics.get(job_id)) is not None:
+            topic.offer(Update(version, status in TERMINAL, data))
 
     async def listen(self) -> None:
         """Follow the events channel forever, resubscribing (and resyncing) after any loss."""
@@ -204,6 +232,8 @@ async def json_errors(
         }.get(exc.status, exc.reason)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return web.json_response({"error": message}, status=exc.status, headers=headers)
+    except ConnectionResetError:  # the client hung up (say, mid-handshake): none to answer
+        return web.Response(status=499)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("%s %s: redis unavailable: %s", request.method, request.path, exc)
         raise error(web.HTTPServiceUnavailable,
@@ -271,20 +301,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 @contextlib.asynccontextmanager
 async def watching(request: web.Request) -> AsyncIterator[Watcher]:
-    """Check the request, then register a watcher BEFORE reading the job's state, so no
-    change can fall between the two; the state read is the watcher's first message."""
+    """Check the request, then watch the job; its current state is the first message."""
     job_id = job_id_of(request)
     origin = request.headers.get("Origin")
     allowed = request.app[ORIGINS]
     if origin is not None and "*" not in allowed and origin not in allowed \
             and origin != f"{request.scheme}://{request.host}":
         raise error(web.HTTPForbidden, f"origin {origin} is not allowed")
-    hub = request.app[HUB]
-    with hub.watch(job_id) as watcher:
-        first = await hub.state(job_id)
-        if first is None:
+    async with request.app[HUB].watch(job_id) as watcher:
+        if watcher is None:
             raise error(web.HTTPNotFound, "no job with that id")
-        watcher.put(first)
         yield watcher
 
 
@@ -407,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="key prefix of this deployment (env JOBS_PREFIX; default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(message)s")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a watcher is a file descriptor
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     origins = frozenset(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     app = make_app(args.redis_url, prefix=args.prefix, allowed_origins=origins,
                    max_input_bytes=args.max_input_bytes)

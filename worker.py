@@ -151,21 +151,21 @@ return 1
 """
 
 # KEYS: queue, workers, dead, delayed. ARGV: prefix, channel, now, now (unix), max attempts
-# (0: no limit), retention, dead max, then the workers to reclaim (none: every worker whose
-# lease has expired). Puts the reclaimed workers' unfinished jobs back at the head of the queue
-# (or fails those out of attempts), and moves retries that are due onto the queue.
+# (0: no limit), retention, dead max, then workers that hold no job now (their lists hold only
+# strays: a BLMOVE whose reply was lost). Puts back at the head of the queue the unfinished jobs
+# of those workers and of every worker whose lease expired (which also leave the worker set),
+# failing those out of attempts; then moves retries that are due onto the queue.
 RECLAIM = LUA_PRELUDE + """
 local prefix, channel, now = ARGV[1], ARGV[2], ARGV[3]
 local max, moved = tonumber(ARGV[5]), 0
-local workers = {}
-if #ARGV > 7 then
-  for i = 8, #ARGV do workers[#workers + 1] = ARGV[i] end
-else
-  for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    if redis.call('EXISTS', prefix .. ':lease:' .. w) == 0 then workers[#workers + 1] = w end
+local idle, lost = {}, {}
+for i = 8, #ARGV do idle[ARGV[i]] = true end
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not idle[w] and redis.call('EXISTS', prefix .. ':lease:' .. w) == 0 then
+    lost[#lost + 1] = w
   end
 end
-for _, w in ipairs(workers) do
+local function requeue(w)
   local processing = prefix .. ':processing:' .. w
   for _, id in ipairs(redis.call('LRANGE', processing, 0, -1)) do
     local key = prefix .. ':job:' .. id
@@ -174,14 +174,14 @@ for _, w in ipairs(workers) do
       local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 0
       if status == 'running' and max > 0 and attempts >= max then
         bump(key, 'failed', now)
-        redis.call('HSET', key, 'error', 'worker ' .. w .. ' was lost on the last attempt')
+        redis.call('HSET', key, 'error', 'worker ' .. w .. ' stopped on the last attempt')
         redis.call('EXPIRE', key, ARGV[6])
         redis.call('LPUSH', KEYS[3], id)
         redis.call('LTRIM', KEYS[3], 0, ARGV[7] - 1)
       else
         if status == 'running' then
           bump(key, 'queued', now)
-          redis.call('HSET', key, 'error', 'worker ' .. w .. ' was lost; retrying')
+          redis.call('HSET', key, 'error', 'worker ' .. w .. ' stopped before finishing; retrying')
         end
         redis.call('RPUSH', KEYS[1], id)
       end
@@ -190,6 +190,10 @@ for _, w in ipairs(workers) do
     end
   end
   redis.call('DEL', processing)
+end
+for w in pairs(idle) do requeue(w) end
+for _, w in ipairs(lost) do
+  requeue(w)
   redis.call('SREM', KEYS[2], w)
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[4], 'LIMIT', 0, 1000)
@@ -276,18 +280,18 @@ class Worker:
             pipe.execute()
         self._next_beat = time.monotonic() + self.lease / 3
 
-    def reclaim(self, *workers: str, max_attempts: int | None = None) -> tuple[int, int]:
-        """Requeue the jobs of the named workers (default: those whose lease expired) and
-        move due retries onto the queue. Returns (jobs requeued, retries moved)."""
+    def reclaim(self, *idle: str, max_attempts: int | None = None) -> tuple[int, int]:
+        """Requeue what the idle workers named hold (strays) and the jobs of workers whose
+        lease expired; move due retries onto the queue. Returns (jobs requeued, retries moved)."""
         k = self.keys
         moved, due = self._reclaim(
             keys=[k.queue, k.workers, k.dead, k.delayed],
             args=[k.prefix, k.events, now(), time.time(),
                   self.max_attempts if max_attempts is None else max_attempts,
-                  self.retention, DEAD_MAX, *workers],
+                  self.retention, DEAD_MAX, *idle],
         )
         if moved:
-            log.warning("requeued %d job(s) of lost worker(s)", moved)
+            log.warning("requeued %d job(s) of stopped worker(s) or stray(s)", moved)
         self._next_maintain = time.monotonic() + MAINTAIN_EVERY
         return int(moved), int(due)
 
@@ -385,7 +389,7 @@ class Worker:
         if time.monotonic() >= self._next_beat:
             self.heartbeat()
         if time.monotonic() >= self._next_maintain:
-            self.reclaim()
+            self.reclaim(self.name)  # between jobs, anything in our own list is a stray
         job = self.take()
         if job is not None:
             self.process(*job)

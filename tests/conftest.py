@@ -106,12 +106,13 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def enqueue(client: redis.Redis, prefix: str, text: str) -> str:
-    """Queue a job the way POST /submit does; return its id."""
+def enqueue(client: redis.Redis, prefix: str, text: str, queue: bool = True) -> str:
+    """Queue a job the way POST /submit does (or only store it); return its id."""
     job, keys = new_job(text), Keys(prefix)
     with client.pipeline(transaction=True) as pipe:
         pipe.hset(keys.job(str(job["id"])), mapping=job)  # type: ignore[arg-type]
-        pipe.lpush(keys.queue, job["id"])
+        if queue:
+            pipe.lpush(keys.queue, job["id"])
         pipe.execute()
     return str(job["id"])
 

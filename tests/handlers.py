@@ -1,5 +1,6 @@
 """Handlers the tests load into worker processes with --handler handlers:NAME."""
 
+import contextlib
 import time
 
 
@@ -15,3 +16,16 @@ def fail(text: str) -> str:
 
 def not_a_string(text: str) -> int:
     return len(text)
+
+
+def pause(text: str) -> str:
+    """A job that takes a little time: upper-case after 10 ms."""
+    time.sleep(0.01)
+    return text.upper()
+
+
+def stubborn(text: str) -> str:
+    """A handler that never returns and swallows whatever is raised in it."""
+    while True:
+        with contextlib.suppress(BaseException):  # deliberately deaf
+            time.sleep(0.1)

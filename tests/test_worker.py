@@ -121,7 +121,7 @@ def test_jobs_of_a_lost_worker_are_requeued_and_its_late_result_dropped(
     assert alive.reclaim() == (1, 0)
     stored = job(r, prefix, job_id)
     assert (stored["status"], stored["attempts"]) == ("queued", "1")
-    assert "was lost" in stored["error"]
+    assert "stopped before finishing" in stored["error"]
     assert r.lrange(keys.queue, 0, -1) == [job_id]
     assert not r.exists(keys.processing(lost.name))
     assert not r.sismember(keys.workers, lost.name)
@@ -220,3 +220,16 @@ def test_bad_flags_are_usage_errors(procs: Procs) -> None:
                             env=procs.env(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "--lease" in result.stderr
+
+
+def test_a_job_stranded_with_a_live_worker_is_run(procs: Procs, r: redis.Redis,
+                                                  prefix: str) -> None:
+    """A BLMOVE whose reply was lost (connection cut as Redis ran it) leaves the id in a live
+    worker's processing list, where no lease expiry will ever find it."""
+    procs.worker()
+    keys = Keys(prefix)
+    name = wait_until(lambda: r.srandmember(keys.workers), what="the worker to register")
+    job_id = enqueue(r, prefix, "stranded", queue=False)
+    r.lpush(keys.processing(str(name)), job_id)  # as if the worker's BLMOVE had put it there
+    wait_until(lambda: status_of(r, prefix, job_id) == "done", timeout=20, what="the job to run")
+    assert job(r, prefix, job_id)["result"] == "STRANDED"

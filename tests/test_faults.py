@@ -1,0 +1,369 @@
+"""Fault injection: real processes against real redis-server instances of the tests' own, killed,
+restarted, paused and flooded, checking that the README's guarantees hold. The longest tests
+are marked `slow` (skip them with -m "not slow"); CI runs them all.
+
+Scenarios tested elsewhere: a server restart under a waiting client
+(test_client.py::test_client_survives_a_server_restart), run_all.sh stopped and broken every
+way (test_run_all.py), warm and cold worker stops (test_worker.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import Procs, RedisServer, enqueue, free_port, wait_until
+from worker import Keys
+
+Stack = tuple[Procs, RedisServer, redis.Redis, str]
+
+
+@pytest.fixture
+def stack(own_redis: RedisServer, prefix: str, tmp_path: Path) -> Iterator[Stack]:
+    """Procs, the Redis they use, a client of it, and the key prefix."""
+    procs = Procs(own_redis.url, prefix, tmp_path)
+    client = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    yield procs, own_redis, client, prefix
+    procs.stop_all()
+    client.close()
+
+
+def statuses(r: redis.Redis, prefix: str, ids: list[str]) -> list[dict[str, str]]:
+    with r.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hgetall(Keys(prefix).job(job_id))
+        return pipe.execute()
+
+
+def all_done(r: redis.Redis, prefix: str, ids: list[str]) -> bool:
+    return all(job.get("status") == "done" for job in statuses(r, prefix, ids))
+
+
+def processing_keys(r: redis.Redis, prefix: str) -> list[str]:
+    return list(r.scan_iter(match=f"{prefix}:processing:*"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def read_all(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+    """Every message until the server closes the stream."""
+    return [json.loads(m.data) async for m in ws if m.type is aiohttp.WSMsgType.TEXT]
+
+
+async def watch(session: aiohttp.ClientSession, base: str, job_id: str) -> list[dict[str, Any]]:
+    """Follow one job over the WebSocket until the server closes the stream."""
+    async with session.ws_connect(f"{base}/ws", params={"id": job_id}) as ws:
+        return await read_all(ws)
+
+
+# 1 -----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_workers_killed_under_load(stack: Stack) -> None:
+    procs, _, r, prefix = stack
+    pubsub = r.pubsub()
+    pubsub.subscribe(Keys(prefix).events)
+    assert wait_until(lambda: pubsub.get_message(timeout=1))["type"] == "subscribe"
+    ids = {enqueue(r, prefix, f"job {i}"): f"JOB {i}" for i in range(1200)}
+    spawn = lambda: procs.worker("--handler", "handlers:pause", "--lease", "2.5")  # noqa: E731
+    workers = [spawn() for _ in range(3)]
+    rng, kills, deadline = random.Random(7), 0, time.monotonic() + 180
+    while not all_done(r, prefix, list(ids)):
+        assert time.monotonic() < deadline, "jobs did not finish"
+        time.sleep(rng.uniform(0.5, 1.0))  # the kill rhythm, not a wait for a result
+        victim = rng.choice(workers)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        workers[workers.index(victim)] = spawn()
+        kills += 1
+    assert kills >= 3
+    done: collections.Counter[str] = collections.Counter()
+    while (message := pubsub.get_message(timeout=1)) is not None:
+        event = json.loads(message["data"])
+        if event["status"] == "done":
+            done[event["id"]] += 1
+    pubsub.close()
+    jobs = statuses(r, prefix, list(ids))
+    assert [job["result"] for job in jobs] == list(ids.values())
+    assert done == dict.fromkeys(ids, 1), "some job was recorded done more than once, or never"
+    assert max(int(job["attempts"]) for job in jobs) >= 2, "no job was retried"
+    wait_until(lambda: not processing_keys(r, prefix), timeout=10, what="processing lists to empty")
+    assert r.llen(Keys(prefix).queue) == 0
+
+
+# 2 -----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+async def test_redis_restarts_lose_nothing(stack: Stack) -> None:
+    procs, own_redis, r, prefix = stack
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = procs.server(port)
+    workers = [procs.worker("--handler", "handlers:slow") for _ in range(2)]
+    ids = [enqueue(r, prefix, "0.05") for _ in range(300)]
+    async with aiohttp.ClientSession() as session:
+        watchers = [asyncio.create_task(watch(session, base, job_id)) for job_id in ids[::10]]
+        for enough in (50, 150):  # restart twice, with jobs queued, running and done
+            await asyncio.to_thread(wait_until, lambda n=enough: sum(
+                j["status"] == "done" for j in statuses(r, prefix, ids)) > n)
+            own_redis.stop(signal.SIGTERM)
+            own_redis.start()  # same port, same AOF folder
+        await asyncio.to_thread(wait_until, lambda: all_done(r, prefix, ids), 120)
+        streams = await asyncio.wait_for(asyncio.gather(*watchers), 60)
+    assert all(stream[-1]["status"] == "done" for stream in streams)
+    assert [p.poll() for p in (server, *workers)] == [None, None, None]
+    assert not processing_keys(r, prefix)
+    assert r.llen(Keys(prefix).queue) == 0
+
+
+# 3 -----------------------------------------------------------------------------------------------
+
+async def test_redis_outage_gives_503_and_nothing_spins(stack: Stack) -> None:
+    procs, own_redis, r, prefix = stack
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = procs.server(port)
+    worker = procs.worker("--handler", "handlers:slow")
+    job_id = enqueue(r, prefix, "1")
+    wait_until(lambda: statuses(r, prefix, [job_id])[0]["status"] == "running")
+    assert own_redis.proc is not None
+    outage = 6.0
+    cpu = {p.pid: cpu_seconds(p.pid) for p in (server, worker)}
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)  # hung, not gone: connections just wait
+    began = time.monotonic()
+    try:
+        # The handler ends during the outage; its result must be recorded afterwards.
+        timeout = aiohttp.ClientTimeout(total=15)  # a hang detector, not a speed requirement
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for method, path, body in [("POST", "/submit", {"input": "x"}),
+                                       ("GET", f"/status?id={job_id}", None),
+                                       ("GET", "/healthz", None)]:
+                async with session.request(method, base + path, json=body) as response:
+                    assert response.status == 503, path
+                    assert "unavailable" in (await response.json())["error"]
+        await asyncio.sleep(max(0.0, outage - (time.monotonic() - began)))  # the outage itself
+        for pid, before in cpu.items():
+            assert cpu_seconds(pid) - before < outage / 3, f"pid {pid} spun during the outage"
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    wait_until(lambda: statuses(r, prefix, [job_id])[0]["status"] == "done", 30)
+    assert [p.poll() for p in (server, worker)] == [None, None]
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/healthz") as response:
+        assert response.status == 200
+
+
+# 4 -----------------------------------------------------------------------------------------------
+
+async def test_lost_subscriptions_lose_no_terminal_message(stack: Stack) -> None:
+    procs, _, r, prefix = stack
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    procs.server(port)
+    ids = [enqueue(r, prefix, f"job {i}") for i in range(200)]
+    async with aiohttp.ClientSession() as session:
+        watchers = [asyncio.create_task(watch(session, base, job_id)) for job_id in ids]
+        for _ in range(2):
+            procs.worker("--handler", "handlers:pause")
+        kills = 0
+        while not all(w.done() for w in watchers):
+            kills += r.client_kill_filter(_type="pubsub")
+            await asyncio.sleep(0.02)
+        streams = [w.result() for w in watchers]
+    assert kills > 5
+    assert [s[-1]["result"] for s in streams] == [f"JOB {i}" for i in range(200)]
+
+
+# 7 -----------------------------------------------------------------------------------------------
+
+def test_a_deaf_handler_still_lets_the_worker_stop(stack: Stack) -> None:
+    procs, _, r, prefix = stack
+    job_id = enqueue(r, prefix, "x")
+    worker = procs.worker("--handler", "handlers:stubborn", "--grace", "60")
+    wait_until(lambda: statuses(r, prefix, [job_id])[0]["status"] == "running")
+    worker.send_signal(signal.SIGTERM)
+    wait_until(lambda: "finishing the current job" in procs.log(worker))
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 1
+    assert statuses(r, prefix, [job_id])[0]["status"] == "queued"
+    assert r.lrange(Keys(prefix).queue, 0, -1) == [job_id]
+
+
+# 8 -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lone_server(tmp_path_factory: pytest.TempPathFactory,
+                redis_url: str) -> Iterator[tuple[Procs, Any, str, redis.Redis, str]]:
+    """One server for all the examples hypothesis draws (no worker: jobs stay queued)."""
+    prefix = f"{{fuzz-{os.getpid()}}}"
+    procs = Procs(redis_url, prefix, tmp_path_factory.mktemp("fuzz"))
+    port = free_port()
+    server = procs.server(port)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield procs, server, f"http://127.0.0.1:{port}", client, prefix
+    procs.stop_all()
+    for key in client.scan_iter(match=f"{prefix}:*"):
+        client.delete(key)
+    client.close()
+
+
+def http(base: str, method: str, path: str, body: bytes | None = None) -> int:
+    import http.client
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+    try:
+        connection.request(method, path, body=body,
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        payload = response.read()
+        if response.status >= 400:
+            assert "error" in json.loads(payload)
+        return response.status
+    finally:
+        connection.close()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+fuzz = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@fuzz
+@given(body=st.binary(max_size=300))
+def test_fuzz_submit_bytes(lone_server: Any, body: bytes) -> None:
+    assert http(lone_server[2], "POST", "/submit", body) in (201, 400)
+
+
+@fuzz
+@given(value=json_values | st.dictionaries(st.just("input"), json_values, min_size=1))
+def test_fuzz_submit_json(lone_server: Any, value: Any) -> None:
+    body = json.dumps(value).encode()
+    assert http(lone_server[2], "POST", "/submit", body) in (201, 400)
+
+
+@fuzz
+@given(job_id=st.text(max_size=40))
+def test_fuzz_ids(lone_server: Any, job_id: str) -> None:
+    from urllib.parse import quote
+    for path in ("/status", "/events", "/ws"):
+        status = http(lone_server[2], "GET", f"{path}?id={quote(job_id)}")
+        assert status in ((400,) if not job_id else (404, 400)), (path, job_id, status)
+
+
+@fuzz
+@given(frames=st.lists(st.binary(max_size=64) | st.text(max_size=64), max_size=5))
+def test_fuzz_websocket_frames(lone_server: Any, frames: list[bytes | str]) -> None:
+    _, _, base, r, prefix = lone_server
+    job_id = enqueue(r, prefix, "fuzz")
+
+    async def send() -> None:
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(f"{base}/ws", params={"id": job_id}) as ws:
+            assert (await ws.receive_json(timeout=5))["status"] == "queued"
+            for frame in frames:
+                await (ws.send_bytes(frame) if isinstance(frame, bytes) else ws.send_str(frame))
+            await ws.ping()
+
+    asyncio.run(send())
+
+
+def test_fuzzing_left_no_trace(lone_server: Any) -> None:
+    """Runs after the fuzz tests (file order): no traceback, no half-written job."""
+    procs, server, _, r, prefix = lone_server
+    log = procs.log(server)
+    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
+    keys = Keys(prefix)
+    jobs = [k for k in r.scan_iter(match=keys.job("*"))]
+    assert r.llen(keys.queue) == len(jobs)
+    for key in jobs:
+        assert set(r.hkeys(key)) >= {"id", "input", "status", "result", "created", "version"}
+
+
+# 9 -----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+async def test_many_and_slow_watchers(stack: Stack) -> None:
+    procs, _, r, prefix = stack
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 20_000)), hard))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = procs.server(port)
+    job_id = enqueue(r, prefix, "x" * 200_000)  # big results fill the slow watchers' buffers
+    deaf = []
+    for _ in range(500):  # WebSocket handshakes that never read a byte after
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(f"GET /ws?id={job_id} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        deaf.append(sock)
+    connector = aiohttp.TCPConnector(limit=0)
+    try:
+        await follow_many(base, job_id, procs, server.pid, connector)
+    finally:
+        for sock in deaf:
+            sock.close()
+
+
+async def follow_many(base: str, job_id: str, procs: Procs, server_pid: int,
+                      connector: aiohttp.TCPConnector) -> None:
+    async with aiohttp.ClientSession(connector=connector) as session:
+        sockets = await asyncio.gather(*(session.ws_connect(f"{base}/ws", params={"id": job_id})
+                                         for _ in range(4500)))
+        firsts = await asyncio.gather(*(ws.receive_json(timeout=30) for ws in sockets))
+        assert {m["status"] for m in firsts} == {"queued"}
+        rss_before = rss_bytes(server_pid)
+        procs.worker()
+        ends = await asyncio.wait_for(asyncio.gather(*map(read_all, sockets)), 60)
+        assert all(end[-1]["status"] == "done" for end in ends)
+        growth = rss_bytes(server_pid) - rss_before
+    # Each deaf watcher may hold its last message and a write buffer; nothing more.
+    assert growth < 500 * 2 * 420_000 + 50_000_000, f"server grew by {growth} bytes"
+
+
+# 10 ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_finished_jobs_expire_and_nothing_grows(stack: Stack) -> None:
+    procs, _, r, prefix = stack
+    with r.pipeline(transaction=False) as pipe:
+        for i in range(10_000):
+            pipe.hset(Keys(prefix).job(f"{i:032x}"),
+                      mapping={"id": f"{i:032x}", "input": "a", "status": "queued", "version": 1})
+            pipe.lpush(Keys(prefix).queue, f"{i:032x}")
+        pipe.execute()
+    procs.worker("--retention", "2")
+    procs.worker("--retention", "2")
+    wait_until(lambda: r.llen(Keys(prefix).queue) == 0, 120, what="the queue to drain")
+    # After the retention, what is left is the two workers' bookkeeping and nothing else.
+    wait_until(lambda: len(list(r.scan_iter(match=f"{prefix}:*"))) <= 3, 30,
+               what="finished jobs to expire")
+    assert sorted(k.split(":")[1] for k in r.scan_iter(match=f"{prefix}:*")) == [
+        "lease", "lease", "workers"]
