@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -48,6 +48,14 @@ REDIS_RETRY_CAP = 5.0  # seconds between tries while Redis is unreachable
 
 T = TypeVar("T")
 Handler = Callable[[str], str]
+
+
+class Job(NamedTuple):
+    """A job this worker has taken and marked running."""
+
+    id: str
+    input: str
+    attempt: int
 
 
 class ColdShutdown(BaseException):
@@ -113,27 +121,35 @@ local function bump(key, status, now)
   redis.call('HSET', key, 'status', status, 'updated', now)
   redis.call('HINCRBY', key, 'version', 1)
 end
-"""
-
-# KEYS: job, processing. ARGV: id, now, channel. Marks a taken job running; a job that is not
-# `queued` (a duplicate entry, or already finished) is dropped from the processing list instead.
-START = LUA_PRELUDE + """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then
-  redis.call('LREM', KEYS[2], 1, ARGV[1])
-  return false
+-- Mark a job just moved into `processing` running: {id, input, attempt}. One that is not
+-- `queued` (a duplicate entry, or already finished) is dropped from the list instead: false.
+local function start(prefix, processing, id, now, channel)
+  local key = prefix .. ':job:' .. id
+  if redis.call('HGET', key, 'status') ~= 'queued' then
+    redis.call('LREM', processing, 1, id)
+    return false
+  end
+  bump(key, 'running', now)
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+  emit(key, channel)
+  return {id, redis.call('HGET', key, 'input'), attempts}
 end
-bump(KEYS[1], 'running', ARGV[2])
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-emit(KEYS[1], ARGV[3])
-return {redis.call('HGET', KEYS[1], 'input'), attempts}
 """
 
-# KEYS: job, processing, dead, delayed. ARGV: id, outcome (done/failed/retry), result, error,
-# now, channel, retention, due time, dead max. Returns 0 if this worker no longer holds the job
-# (its lease expired and the job was reclaimed): then the other try's outcome stands.
+# KEYS: processing. ARGV: prefix, id (just taken by BLMOVE), now, channel.
+START = LUA_PRELUDE + """
+return start(ARGV[1], KEYS[1], ARGV[2], ARGV[3], ARGV[4])
+"""
+
+# KEYS: job, processing, dead, delayed, queue. ARGV: id, outcome (done/failed/retry), result,
+# error, now, channel, retention, due time, dead max, prefix, take next (1/0). Returns {held,
+# next}: held is 0 if this worker no longer holds the job (its lease expired and the job was
+# reclaimed: the other try's outcome stands); next is the next job, taken and started in the
+# same round trip (as by START), or nil: none waiting, or not asked for.
 FINISH = LUA_PRELUDE + """
-if redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then return 0 end
-if ARGV[2] == 'retry' then
+local held = redis.call('LREM', KEYS[2], 1, ARGV[1])
+if held == 0 then
+elseif ARGV[2] == 'retry' then
   bump(KEYS[1], 'queued', ARGV[5])
   redis.call('HSET', KEYS[1], 'error', ARGV[4])
   redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
@@ -146,8 +162,14 @@ else
     redis.call('LTRIM', KEYS[3], 0, ARGV[9] - 1)
   end
 end
-emit(KEYS[1], ARGV[6])
-return 1
+if held == 1 then emit(KEYS[1], ARGV[6]) end
+local job = false
+while ARGV[11] == '1' and not job do
+  local id = redis.call('LMOVE', KEYS[5], KEYS[2], 'RIGHT', 'LEFT')
+  if not id then break end
+  job = start(ARGV[10], KEYS[2], id, ARGV[5], ARGV[6])
+end
+return {held, job}
 """
 
 # KEYS: queue, workers, dead, delayed. ARGV: prefix, channel, now, now (unix), max attempts
@@ -295,31 +317,32 @@ class Worker:
         self._next_maintain = time.monotonic() + MAINTAIN_EVERY
         return int(moved), int(due)
 
-    def take(self) -> tuple[str, str, int] | None:
-        """Block up to BLOCK seconds for a job; return (id, input, attempt) once it is running."""
-        taken = self.redis.blmove(self.keys.queue, self.keys.processing(self.name),
-                                  BLOCK, "RIGHT", "LEFT")
+    def take(self) -> Job | None:
+        """Block up to BLOCK seconds for a job; return it once it is running."""
+        processing = self.keys.processing(self.name)
+        taken = self.redis.blmove(self.keys.queue, processing, BLOCK, "RIGHT", "LEFT")
         if taken is None:
             return None
-        job_id = str(taken)
-        started = self._start(keys=[self.keys.job(job_id), self.keys.processing(self.name)],
-                              args=[job_id, now(), self.keys.events])
-        if not started:
-            return None
-        return job_id, str(started[0]), int(started[1])
+        started = self._start(keys=[processing],
+                              args=[self.keys.prefix, taken, now(), self.keys.events])
+        return Job(str(started[0]), str(started[1]), int(started[2])) if started else None
 
     def finish(self, job_id: str, outcome: str, result: str = "", error: str = "",
-               due: float = 0.0) -> bool:
-        """Record done/failed/retry atomically; False if the job was reclaimed meanwhile."""
+               due: float = 0.0) -> Job | None:
+        """Record done/failed/retry atomically, and take the next job in the same round trip
+        unless the worker is stopping or has a heartbeat or maintenance due (those run with no
+        job held). A result is dropped if the job was reclaimed meanwhile."""
         k = self.keys
-        held = self._finish(
-            keys=[k.job(job_id), k.processing(self.name), k.dead, k.delayed],
-            args=[job_id, outcome, result, error, now(), k.events, self.retention, due, DEAD_MAX],
+        chain = not self.stopping and time.monotonic() < min(self._next_beat, self._next_maintain)
+        held, taken = self._finish(
+            keys=[k.job(job_id), k.processing(self.name), k.dead, k.delayed, k.queue],
+            args=[job_id, outcome, result, error, now(), k.events, self.retention, due, DEAD_MAX,
+                  k.prefix, int(chain)],
         )
         if not held:
             log.warning("job %s was reclaimed while this worker ran it; dropping this result",
                         job_id)
-        return bool(held)
+        return Job(str(taken[0]), str(taken[1]), int(taken[2])) if taken else None
 
     # -- running a job -------------------------------------------------------------------------
 
@@ -365,34 +388,41 @@ class Worker:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() >= self._stop_deadline:
                     raise ColdShutdown from exc
+                # A reply may have been lost with a job taken in it: take none until the next
+                # maintenance, which runs with no job held and puts such strays back.
+                self._next_maintain = 0.0
                 log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, REDIS_RETRY_CAP)
 
-    def process(self, job_id: str, text: str, attempt: int) -> None:
-        log.info("job %s: running (attempt %d)", job_id, attempt)
-        ok, value = self.run_handler(text)
+    def process(self, job: Job) -> Job | None:
+        """Run one job to its outcome; return the next one if finishing took it."""
+        job_id, attempt = job.id, job.attempt
+        log.debug("job %s: running (attempt %d)", job_id, attempt)
+        ok, value = self.run_handler(job.input)
         if ok:
-            self.until_recorded(lambda: self.finish(job_id, "done", result=value))
+            taken = self.until_recorded(lambda: self.finish(job_id, "done", result=value))
             log.info("job %s: done", job_id)
         elif attempt < self.max_attempts:
             delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
-            self.until_recorded(lambda: self.finish(job_id, "retry", error=value,
-                                                    due=time.time() + delay))
+            taken = self.until_recorded(lambda: self.finish(job_id, "retry", error=value,
+                                                            due=time.time() + delay))
             log.warning("job %s: %s; retrying in %.1fs", job_id, value, delay)
         else:
-            self.until_recorded(lambda: self.finish(job_id, "failed", error=value))
+            taken = self.until_recorded(lambda: self.finish(job_id, "failed", error=value))
             log.error("job %s: failed after %d attempts: %s", job_id, attempt, value)
+        return taken
 
     def step(self) -> None:
-        """One turn of the loop: keep the lease, tidy up, take and run at most one job."""
+        """One turn of the loop: keep the lease and tidy up while holding no job, then take
+        jobs and run them back to back for as long as finishing one takes the next."""
         if time.monotonic() >= self._next_beat:
             self.heartbeat()
         if time.monotonic() >= self._next_maintain:
-            self.reclaim(self.name)  # between jobs, anything in our own list is a stray
+            self.reclaim(self.name)  # holding no job, anything in our own list is a stray
         job = self.take()
-        if job is not None:
-            self.process(*job)
+        while job is not None:
+            job = self.process(job)
 
     def run(self) -> int:
         """Work until signalled; return the exit status (0 warm stop, 1 cold stop)."""

@@ -83,10 +83,8 @@ def run_peer_worker(name: str, port: int) -> None:
         from arq.connections import RedisSettings
         from arq.worker import func, run_worker
 
-        class Settings:
-            functions = [func(upper_async, name="upper")]
-            redis_settings = RedisSettings(port=port)
-        run_worker(Settings)  # type: ignore[arg-type]
+        run_worker(None, functions=[func(upper_async, name="upper")],
+                   redis_settings=RedisSettings(port=port))
     elif name == "saq":
         from saq import Queue, Worker
 
@@ -151,7 +149,7 @@ class Ours:
         with r.pipeline(transaction=False) as pipe:
             pipe.llen(KEYS.queue)
             for name in r.smembers(KEYS.workers):
-                pipe.llen(KEYS.processing(name))
+                pipe.llen(KEYS.processing(str(name)))
             return sum(pipe.execute())
 
     def start_workers(self, count: int) -> list[subprocess.Popen[bytes]]:
@@ -215,10 +213,10 @@ def ceiling(r: redis.Redis, n: int) -> float:
         r.lpush("q", f"{i:032x}")
     began = time.perf_counter()
     for _ in range(n):
-        job_id = r.blmove("q", "p", 1, "RIGHT", "LEFT")
+        job_id = str(r.blmove("q", "p", 1, "RIGHT", "LEFT"))
         r.hset(f"job:{job_id}", mapping={"status": "done", "result": "X"})
-        r.lrem("p", 1, job_id)  # type: ignore[arg-type]
-        r.publish("events", job_id)  # type: ignore[arg-type]
+        r.lrem("p", 1, job_id)
+        r.publish("events", job_id)
     return n / (time.perf_counter() - began)
 
 
@@ -237,7 +235,7 @@ async def latency(ours: Ours, count: int = 500) -> list[float]:
 
 
 async def fan_out(ours: Ours, server_pid: int, watchers: int) -> dict[str, float]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     rss_before = psutil.Process(server_pid).memory_info().rss
     connector = aiohttp.TCPConnector(limit=0)
@@ -292,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     server = ours.start_server()
     rows = []
     try:
-        systems = [s for s in [ours, *(Peer(p, port) for p in PEERS)]
-                   if args.only in (None, s.name)]
+        candidates: list[Ours | Peer] = [ours, *(Peer(p, port) for p in PEERS)]
+        systems = [s for s in candidates if args.only in (None, s.name)]
         for system in systems:
             print(f"bench: {system.name} ...", file=sys.stderr, flush=True)
             rows.append((system.name, measure(system, r, args.jobs)))

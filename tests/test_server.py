@@ -52,7 +52,7 @@ async def work_one(worker: Worker) -> None:
     """Take the next job and run it to its outcome, as the worker's loop would."""
     job = await asyncio.to_thread(worker.take)
     assert job is not None
-    await asyncio.to_thread(worker.process, *job)
+    await asyncio.to_thread(worker.process, job)
 
 
 async def assert_error(response: aiohttp.ClientResponse, status: int, words: str) -> None:

@@ -19,8 +19,8 @@ def run_next(worker: Worker) -> str:
     """Take the next job and run it to its outcome; return its id."""
     taken = worker.take()
     assert taken is not None, "no job was waiting"
-    worker.process(*taken)
-    return taken[0]
+    assert worker.process(taken) is None  # nothing chained: heartbeat and maintenance are due
+    return taken.id
 
 
 def lose(worker: Worker) -> None:
@@ -40,6 +40,22 @@ def test_done_job_has_its_result_and_expires(r: redis.Redis, redis_url: str,
     assert 0 < r.ttl(keys.job(job_id)) <= RETENTION
     assert r.llen(keys.processing(worker.name)) == 0
     assert r.llen(keys.queue) == 0
+
+
+def test_finishing_a_job_takes_the_next_in_the_same_call(r: redis.Redis, redis_url: str,
+                                                          prefix: str) -> None:
+    worker = Worker(redis_url, prefix=prefix)
+    first, second = enqueue(r, prefix, "one"), enqueue(r, prefix, "two")
+    worker.heartbeat()
+    worker.reclaim()  # neither a heartbeat nor maintenance is due now: chaining is allowed
+    taken = worker.take()
+    assert taken is not None and taken.id == first
+    chained = worker.process(taken)
+    assert chained is not None and (chained.id, chained.input) == (second, "two")
+    assert status_of(r, prefix, second) == "running"
+    assert r.lrange(Keys(prefix).processing(worker.name), 0, -1) == [second]
+    assert worker.process(chained) is None  # the queue is empty
+    assert [job(r, prefix, i)["result"] for i in (first, second)] == ["ONE", "TWO"]
 
 
 def test_raising_handler_is_retried_then_failed_and_dead_lettered(r: redis.Redis,
@@ -126,7 +142,7 @@ def test_jobs_of_a_lost_worker_are_requeued_and_its_late_result_dropped(
     assert not r.exists(keys.processing(lost.name))
     assert not r.sismember(keys.workers, lost.name)
     assert run_next(alive) == job_id
-    assert not lost.finish(job_id, "done", result="LATE")  # the lost worker comes back
+    lost.finish(job_id, "done", result="LATE")  # the lost worker comes back: dropped
     stored = job(r, prefix, job_id)
     assert (stored["status"], stored["result"], stored["attempts"]) == ("done", "HELLO", "2")
 
