@@ -10,7 +10,9 @@ handlers should be idempotent. A handler that raises is retried with exponential
 --max-attempts tries; then the job is failed and its id kept on the dead-letter list.
 
 First SIGTERM/SIGINT: take no new job, finish the current one within --grace seconds, exit 0.
-Second signal, or the grace running out: put the job back on the queue, exit 1.
+Second signal, or the grace running out: put the job back on the queue, exit 1, even if the
+handler never returns (the handler runs on the main thread; a keeper thread renews the lease
+and carries out the cold stop).
 """
 
 from __future__ import annotations
@@ -56,10 +58,6 @@ class Job(NamedTuple):
     id: str
     input: str
     attempt: int
-
-
-class ColdShutdown(BaseException):
-    """Raised by the second signal: give the current job back and exit now."""
 
 
 @dataclass(frozen=True)
@@ -276,21 +274,49 @@ class Worker:
         self._start = self.redis.register_script(START)
         self._finish = self.redis.register_script(FINISH)
         self._reclaim = self.redis.register_script(RECLAIM)
-        self.stopping = False  # set by the first signal (a plain flag: Event.set from a
-        # signal handler can deadlock on the Event's own lock)
+        self.stopping = False  # the first signal: take no new job
+        self.cold = False  # the second: give the job back and exit now
         self._stop_deadline = float("inf")  # monotonic time when the grace runs out
-        self._next_beat = 0.0
+        self._wake = threading.Event()  # wakes the keeper thread early
         self._next_maintain = 0.0
 
     # -- signals -------------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Only set flags: the handler may be running on this (the main) thread, and the keeper
+        thread does what must happen even if the handler never returns."""
         if self.stopping:
-            raise ColdShutdown
-        log.info("%s: finishing the current job, then exiting (signal again to stop now)",
-                 signal.Signals(signum).name)
-        self._stop_deadline = time.monotonic() + self.grace
-        self.stopping = True
+            self.cold = True
+        else:
+            log.info("%s: finishing the current job, then exiting (signal again to stop now)",
+                     signal.Signals(signum).name)
+            self._stop_deadline = time.monotonic() + self.grace
+            self.stopping = True
+        self._wake.set()  # safe here: no other code of the main thread takes this Event's lock
+
+    def keeper(self) -> None:
+        """Thread: renew the lease every --lease/3 s whatever the main thread is doing (a long
+        handler included); on a cold stop, give this worker's jobs back and exit the process."""
+        while not (self.cold or time.monotonic() >= self._stop_deadline):
+            try:
+                self.heartbeat()
+            except redis.RedisError as exc:
+                log.warning("cannot renew lease: %s", exc)
+            self._wake.wait(min(self.lease / 3, max(self._stop_deadline - time.monotonic(), 0)))
+            self._wake.clear()
+        if not self.cold:
+            log.warning("grace of %.1fs ran out", self.grace)
+        log.warning("stopping now: giving this worker's jobs back to the queue")
+        try:
+            self.reclaim(self.name, max_attempts=0)
+            # Not leaving the worker set: should a finish in flight on the main thread take one
+            # more job, any worker reclaims it once it sees the lease gone.
+            self.redis.delete(self.keys.lease(self.name))
+        except redis.RedisError as exc:
+            log.warning("could not give jobs back (%s); others will once the lease expires",
+                        exc)
+        logging.shutdown()
+        os._exit(1)
 
     # -- Redis steps ---------------------------------------------------------------------------
 
@@ -300,7 +326,6 @@ class Worker:
             pipe.set(self.keys.lease(self.name), "1", px=int(self.lease * 1000))
             pipe.sadd(self.keys.workers, self.name)
             pipe.execute()
-        self._next_beat = time.monotonic() + self.lease / 3
 
     def reclaim(self, *idle: str, max_attempts: int | None = None) -> tuple[int, int]:
         """Requeue what the idle workers named hold (strays) and the jobs of workers whose
@@ -330,10 +355,10 @@ class Worker:
     def finish(self, job_id: str, outcome: str, result: str = "", error: str = "",
                due: float = 0.0) -> Job | None:
         """Record done/failed/retry atomically, and take the next job in the same round trip
-        unless the worker is stopping or has a heartbeat or maintenance due (those run with no
-        job held). A result is dropped if the job was reclaimed meanwhile."""
+        unless the worker is stopping or maintenance is due (it runs with no job held). A result
+        is dropped if the job was reclaimed meanwhile."""
         k = self.keys
-        chain = not self.stopping and time.monotonic() < min(self._next_beat, self._next_maintain)
+        chain = not self.stopping and time.monotonic() < self._next_maintain
         held, taken = self._finish(
             keys=[k.job(job_id), k.processing(self.name), k.dead, k.delayed, k.queue],
             args=[job_id, outcome, result, error, now(), k.events, self.retention, due, DEAD_MAX,
@@ -347,37 +372,14 @@ class Worker:
     # -- running a job -------------------------------------------------------------------------
 
     def run_handler(self, text: str) -> tuple[bool, str]:
-        """Run the handler in a thread, renewing the lease meanwhile.
-
-        Returns (True, result) or (False, error). Raises ColdShutdown on a second signal or when
-        the grace runs out; the thread is then abandoned (a daemon), since a handler cannot be
-        interrupted from outside."""
-        outcome: list[tuple[bool, str]] = []
-
-        def call() -> None:
-            try:
-                result = self.handler(text)
-                if not isinstance(result, str):
-                    raise TypeError(f"handler returned {type(result).__name__}, not str")
-                outcome.append((True, result))
-            except Exception as exc:  # the handler's failure is the job's, not ours
-                outcome.append((False, f"{type(exc).__name__}: {exc}"))
-
-        thread = threading.Thread(target=call, name="handler", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            if time.monotonic() >= self._stop_deadline:
-                log.warning("grace of %.1fs ran out", self.grace)
-                raise ColdShutdown
-            wait = min(self._next_beat, self._stop_deadline) - time.monotonic()
-            thread.join(min(max(wait, 0.0), 1.0))  # wake at least once a second for a signal
-            if time.monotonic() >= self._next_beat:
-                try:
-                    self.heartbeat()
-                except redis.RedisError as exc:
-                    log.warning("cannot renew lease: %s", exc)
-                    self._next_beat = time.monotonic() + 1.0
-        return outcome[0]
+        """Call the handler on this thread: (True, result) or (False, error)."""
+        try:
+            result = self.handler(text)
+            if not isinstance(result, str):
+                raise TypeError(f"handler returned {type(result).__name__}, not str")
+            return True, result
+        except Exception as exc:  # the handler's failure is the job's, not the worker's
+            return False, f"{type(exc).__name__}: {exc}"
 
     def until_recorded(self, step: Callable[[], T]) -> T:
         """Run a Redis step until Redis takes it: a result is never dropped for an outage."""
@@ -386,8 +388,6 @@ class Worker:
             try:
                 return step()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if time.monotonic() >= self._stop_deadline:
-                    raise ColdShutdown from exc
                 # A reply may have been lost with a job taken in it: take none until the next
                 # maintenance, which runs with no job held and puts such strays back.
                 self._next_maintain = 0.0
@@ -414,10 +414,8 @@ class Worker:
         return taken
 
     def step(self) -> None:
-        """One turn of the loop: keep the lease and tidy up while holding no job, then take
-        jobs and run them back to back for as long as finishing one takes the next."""
-        if time.monotonic() >= self._next_beat:
-            self.heartbeat()
+        """One turn of the loop: tidy up while holding no job, then take jobs and run them back
+        to back for as long as finishing one takes the next."""
         if time.monotonic() >= self._next_maintain:
             self.reclaim(self.name)  # holding no job, anything in our own list is a stray
         job = self.take()
@@ -425,35 +423,27 @@ class Worker:
             job = self.process(job)
 
     def run(self) -> int:
-        """Work until signalled; return the exit status (0 warm stop, 1 cold stop)."""
+        """Work until the first signal, then return 0 (a cold stop exits from the keeper)."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        threading.Thread(target=self.keeper, name="keeper", daemon=True).start()
         log.info("worker %s: waiting for jobs on %s", self.name, self.keys.queue)
         delay = 0.1
-        try:
-            while not self.stopping:
-                try:
-                    self.step()
-                    delay = 0.1
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, REDIS_RETRY_CAP)
-        except ColdShutdown:
-            log.warning("stopping now: giving this worker's jobs back to the queue")
-            self.close(requeue=True)
-            return 1
-        self.close(requeue=False)
+        while not self.stopping:
+            try:
+                self.step()
+                delay = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, REDIS_RETRY_CAP)
+        self.close()
         log.info("worker %s: stopped", self.name)
         return 0
 
-    def close(self, *, requeue: bool) -> None:
-        """Leave the worker set; with requeue, first give back whatever this worker holds."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_DFL)  # one more signal kills outright
+    def close(self) -> None:
+        """Leave the worker set (holding no job)."""
         try:
-            if requeue:
-                self.reclaim(self.name, max_attempts=0)
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self.keys.lease(self.name), self.keys.processing(self.name))
                 pipe.srem(self.keys.workers, self.name)
