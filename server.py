@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from aiohttp import WSCloseCode, web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -43,6 +44,11 @@ POOL_WAIT = 5.0  # seconds a request waits for a pooled connection before 503
 BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dropped
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 MESSAGE_FIELDS = ("id", "status", "result", "error", "attempts", "updated", "version")
+# KEYS: job, queue. ARGV: id, then the job's fields and values. Stores and queues in one step.
+SUBMIT = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('LPUSH', KEYS[2], ARGV[1])
+"""
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,7 @@ REDIS = web.AppKey("redis", Redis)
 HUB = web.AppKey("hub", Hub)
 KEYS = web.AppKey("keys", Keys)
 ORIGINS = web.AppKey("origins", frozenset)
+SUBMIT_SCRIPT = web.AppKey("submit", AsyncScript)
 HEARTBEAT_KEY = web.AppKey("heartbeat", float)
 
 
@@ -278,10 +285,8 @@ async def submit(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, '"input" is not valid Unicode (lone surrogate)') from None
     job = new_job(text)
     job_id, keys = str(job["id"]), request.app[KEYS]
-    async with request.app[REDIS].pipeline(transaction=True) as pipe:
-        pipe.hset(keys.job(job_id), mapping=job)  # type: ignore[arg-type]
-        pipe.lpush(keys.queue, job_id)
-        await pipe.execute()
+    fields = [item for pair in job.items() for item in pair]
+    await request.app[SUBMIT_SCRIPT](keys=[keys.job(job_id), keys.queue], args=[job_id, *fields])
     return web.json_response(job, status=201, headers={"Location": f"/status?id={job_id}"})
 
 
@@ -391,6 +396,7 @@ def make_app(
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         )
         app[REDIS] = Redis.from_pool(pool)
+        app[SUBMIT_SCRIPT] = app[REDIS].register_script(SUBMIT)
         yield
         await app[REDIS].aclose()
 
