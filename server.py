@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -53,11 +53,11 @@ redis.call('LPUSH', KEYS[2], ARGV[1])
 
 @dataclass(frozen=True)
 class Update:
-    """One state of one job, as sent to watchers (`text`, serialized once for all of them)."""
+    """One state of one job, as sent to watchers: JSON encoded once for all of them."""
 
     version: int
     terminal: bool
-    text: str
+    data: bytes
 
 
 class Watcher:
@@ -88,7 +88,7 @@ def update_from_job(job: dict[str, str]) -> Update:
     message: dict[str, str | int] = {f: job.get(f, "") for f in MESSAGE_FIELDS}
     message["attempts"] = int(job.get("attempts", 0))
     message["version"] = version = int(job.get("version", 0))
-    return Update(version, job["status"] in TERMINAL, json.dumps(message))
+    return Update(version, job["status"] in TERMINAL, json.dumps(message).encode())
 
 
 class Topic:
@@ -169,7 +169,7 @@ class Hub:
             log.warning("ignoring a malformed message on %s: %.200r", self.keys.events, data)
             return
         if (topic := self.topics.get(job_id)) is not None:
-            topic.offer(Update(version, status in TERMINAL, data))
+            topic.offer(Update(version, status in TERMINAL, data.encode()))
 
     async def listen(self) -> None:
         """Follow the events channel forever, resubscribing (and resyncing) after any loss."""
@@ -319,12 +319,12 @@ async def watching(request: web.Request) -> AsyncIterator[Watcher]:
         yield watcher
 
 
-async def relay(watcher: Watcher, send: Callable[[str], Awaitable[object]]) -> bool:
+async def relay(watcher: Watcher, send: Callable[[bytes], Awaitable[object]]) -> bool:
     """Send each newer state in order; True after a terminal one, False if the server closes."""
     sent = 0
     while (update := await watcher.get()) is not None:
         if update.version > sent:
-            await send(update.text)
+            await send(update.data)
             sent = update.version
             if update.terminal:
                 return True
@@ -340,7 +340,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
         async def relay_then_close() -> None:
             with contextlib.suppress(ConnectionError):
-                finished = await relay(watcher, ws.send_str)
+                finished = await relay(watcher, lambda data: ws.send_frame(data, WSMsgType.TEXT))
                 await ws.close(code=WSCloseCode.OK if finished else WSCloseCode.GOING_AWAY)
 
         sender = asyncio.create_task(relay_then_close())
@@ -358,8 +358,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
 
-        async def send(text: str) -> None:
-            await response.write(f"data: {text}\n\n".encode())
+        async def send(data: bytes) -> None:
+            await response.write(b"data: " + data + b"\n\n")
 
         sender = asyncio.create_task(relay(watcher, send))
         try:
