@@ -29,7 +29,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
 from typing import NamedTuple, TypeVar
@@ -60,31 +59,16 @@ class Job(NamedTuple):
     attempt: int
 
 
-@dataclass(frozen=True)
 class Keys:
     """Every Redis key of one deployment; all share the prefix and so one cluster slot."""
 
-    prefix: str = PREFIX
-
-    @property
-    def queue(self) -> str:  # list of job ids; LPUSH to add, BLMOVE from the right to take
-        return f"{self.prefix}:queue"
-
-    @property
-    def delayed(self) -> str:  # sorted set: ids waiting to be retried, scored by due time
-        return f"{self.prefix}:delayed"
-
-    @property
-    def dead(self) -> str:  # list of ids of failed jobs, newest first
-        return f"{self.prefix}:dead"
-
-    @property
-    def workers(self) -> str:  # set of worker names that may hold jobs
-        return f"{self.prefix}:workers"
-
-    @property
-    def events(self) -> str:  # pub/sub channel: one JSON message per job state change
-        return f"{self.prefix}:events"
+    def __init__(self, prefix: str = PREFIX) -> None:
+        self.prefix = prefix
+        self.queue = f"{prefix}:queue"  # list of ids; LPUSH to add, BLMOVE from the right to take
+        self.delayed = f"{prefix}:delayed"  # sorted set: ids waiting out a retry, by due time
+        self.dead = f"{prefix}:dead"  # list of ids of failed jobs, newest first
+        self.workers = f"{prefix}:workers"  # set of worker names that may hold jobs
+        self.events = f"{prefix}:events"  # pub/sub channel: one JSON message per change
 
     def job(self, job_id: str) -> str:  # hash: the job's fields
         return f"{self.prefix}:job:{job_id}"
@@ -119,6 +103,14 @@ local function bump(key, status, now)
   redis.call('HSET', key, 'status', status, 'updated', now)
   redis.call('HINCRBY', key, 'version', 1)
 end
+-- Fail a job for good: kept `retention` seconds, its id at the head of the dead-letter list.
+local function fail(key, id, error, now, retention, dead, dead_max)
+  bump(key, 'failed', now)
+  redis.call('HSET', key, 'error', error)
+  redis.call('EXPIRE', key, retention)
+  redis.call('LPUSH', dead, id)
+  redis.call('LTRIM', dead, 0, dead_max - 1)
+end
 -- Mark a job just moved into `processing` running: {id, input, attempt}. One that is not
 -- `queued` (a duplicate entry, or already finished) is dropped from the list instead: false.
 local function start(prefix, processing, id, now, channel)
@@ -151,14 +143,12 @@ elseif ARGV[2] == 'retry' then
   bump(KEYS[1], 'queued', ARGV[5])
   redis.call('HSET', KEYS[1], 'error', ARGV[4])
   redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
+elseif ARGV[2] == 'failed' then
+  fail(KEYS[1], ARGV[1], ARGV[4], ARGV[5], ARGV[7], KEYS[3], ARGV[9])
 else
-  bump(KEYS[1], ARGV[2], ARGV[5])
-  redis.call('HSET', KEYS[1], 'result', ARGV[3], 'error', ARGV[4])
+  bump(KEYS[1], 'done', ARGV[5])
+  redis.call('HSET', KEYS[1], 'result', ARGV[3], 'error', '')
   redis.call('EXPIRE', KEYS[1], ARGV[7])
-  if ARGV[2] == 'failed' then
-    redis.call('LPUSH', KEYS[3], ARGV[1])
-    redis.call('LTRIM', KEYS[3], 0, ARGV[9] - 1)
-  end
 end
 if held == 1 then emit(KEYS[1], ARGV[6]) end
 local job = false
@@ -193,11 +183,8 @@ local function requeue(w)
     if status == 'running' or status == 'queued' then
       local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 0
       if status == 'running' and max > 0 and attempts >= max then
-        bump(key, 'failed', now)
-        redis.call('HSET', key, 'error', 'worker ' .. w .. ' stopped on the last attempt')
-        redis.call('EXPIRE', key, ARGV[6])
-        redis.call('LPUSH', KEYS[3], id)
-        redis.call('LTRIM', KEYS[3], 0, ARGV[7] - 1)
+        fail(key, id, 'worker ' .. w .. ' stopped on the last attempt', now, ARGV[6], KEYS[3],
+             ARGV[7])
       else
         if status == 'running' then
           bump(key, 'queued', now)

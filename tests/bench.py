@@ -62,7 +62,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, step: float = 0.002) -> float:
+def wait_for(predicate: Callable[[], Any], timeout: float = 600.0, step: float = 0.002) -> float:
     """Poll until predicate() is truthy; return the time.perf_counter() when it was."""
     deadline = time.perf_counter() + timeout
     while not predicate():

@@ -183,17 +183,25 @@ async def read_ws(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
     return messages
 
 
+async def watch_it_run(client: Client, job_id: str,
+                       worker: Worker) -> tuple[dict[str, Any], list[dict[str, Any]], int | None]:
+    """Watch a job over the WebSocket while the worker runs it: the first message, the rest,
+    and the close code."""
+    async with client.ws_connect("/ws", params={"id": job_id}) as ws:
+        first = await ws.receive_json(timeout=5)
+        await work_one(worker)
+        rest = await asyncio.wait_for(read_ws(ws), 5)
+    return first, rest, ws.close_code
+
+
 async def test_websocket_first_state_then_each_change_then_close(client: Client,
                                                                  worker: Worker) -> None:
     job = await submit(client)
-    async with client.ws_connect("/ws", params={"id": job["id"]}) as ws:
-        first = await ws.receive_json(timeout=5)
-        assert (first["id"], first["status"]) == (job["id"], "queued")
-        await work_one(worker)
-        rest = await asyncio.wait_for(read_ws(ws), 5)
+    first, rest, close_code = await watch_it_run(client, job["id"], worker)
+    assert (first["id"], first["status"]) == (job["id"], "queued")
     assert [m["status"] for m in rest] == ["running", "done"]
     assert rest[-1]["result"] == "HELLO WORLD"
-    assert ws.close_code == aiohttp.WSCloseCode.OK
+    assert close_code == aiohttp.WSCloseCode.OK
 
 
 async def test_websocket_on_a_finished_job_sends_it_and_closes(client: Client,
@@ -213,10 +221,7 @@ async def test_failed_job_message_carries_the_error(client: Client, redis_url: s
 
     worker = Worker(redis_url, fail, prefix=prefix, max_attempts=1)
     job = await submit(client)
-    async with client.ws_connect("/ws", params={"id": job["id"]}) as ws:
-        await ws.receive_json(timeout=5)
-        await work_one(worker)
-        messages = await asyncio.wait_for(read_ws(ws), 5)
+    _, messages, _ = await watch_it_run(client, job["id"], worker)
     assert messages[-1]["status"] == "failed"
     assert messages[-1]["error"] == "RuntimeError: no thanks"
 
@@ -320,8 +325,5 @@ async def test_watcher_sees_job_of_another_server(make_client: MakeClient,
                                                   worker: Worker) -> None:
     first, second = await make_client(), await make_client()
     job = await submit(first)
-    async with second.ws_connect("/ws", params={"id": job["id"]}) as ws:
-        await ws.receive_json(timeout=5)
-        await work_one(worker)
-        messages = await asyncio.wait_for(read_ws(ws), 5)
+    _, messages, _ = await watch_it_run(second, job["id"], worker)
     assert messages[-1]["result"] == "HELLO WORLD"
