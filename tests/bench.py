@@ -83,8 +83,8 @@ def run_peer_worker(name: str, port: int) -> None:
         from arq.connections import RedisSettings
         from arq.worker import func, run_worker
 
-        run_worker(None, functions=[func(upper_async, name="upper")],
-                   redis_settings=RedisSettings(port=port))
+        run_worker({"functions": [func(upper_async, name="upper")],
+                    "redis_settings": RedisSettings(port=port)})
     elif name == "saq":
         from saq import Queue, Worker
 
@@ -193,15 +193,22 @@ def measure(system: Any, r: redis.Redis, n: int) -> dict[str, float]:
             r.flushall()
             asyncio.run(system.enqueue(texts))
         procs = system.start_workers(workers)
-        first = wait_for(lambda: system.remaining(r) < n)
-        last = wait_for(lambda: system.remaining(r) == 0)
+
+        def left(procs: list[subprocess.Popen[bytes]] = procs) -> int:
+            if any(proc.poll() is not None for proc in procs):
+                raise SystemExit(f"bench: a {system.name} worker exited; see it run alone with "
+                                 "--peer-worker NAME --port PORT")
+            return int(system.remaining(r))
+
+        first = wait_for(lambda: left() < n)
+        last = wait_for(lambda: left() == 0)
         out[f"drain{workers}"] = (n - 1) / (last - first)
         r.flushall()
         asyncio.run(system.enqueue(["warm up"]))
-        wait_for(lambda: system.remaining(r) == 0)
+        wait_for(lambda: left() == 0)
         began = time.perf_counter()
         asyncio.run(system.enqueue(texts))
-        last = wait_for(lambda: system.remaining(r) == 0)
+        last = wait_for(lambda: left() == 0)
         out[f"e2e{workers}"] = n / (last - began)
         stop(procs)
     return out
