@@ -58,6 +58,11 @@ class Job(NamedTuple):
     input: str
     attempt: int
 
+    @classmethod
+    def started(cls, reply: list[str] | None) -> Job | None:
+        """The job a script's start() returned, if any: [id, input, attempt] or nil."""
+        return cls(str(reply[0]), str(reply[1]), int(reply[2])) if reply else None
+
 
 class Keys:
     """Every Redis key of one deployment; all share the prefix and so one cluster slot."""
@@ -337,7 +342,7 @@ class Worker:
             return None
         started = self._start(keys=[processing],
                               args=[self.keys.prefix, taken, now(), self.keys.events])
-        return Job(str(started[0]), str(started[1]), int(started[2])) if started else None
+        return Job.started(started)
 
     def finish(self, job_id: str, outcome: str, result: str = "", error: str = "",
                due: float = 0.0) -> Job | None:
@@ -354,7 +359,7 @@ class Worker:
         if not held:
             log.warning("job %s was reclaimed while this worker ran it; dropping this result",
                         job_id)
-        return Job(str(taken[0]), str(taken[1]), int(taken[2])) if taken else None
+        return Job.started(taken)
 
     # -- running a job -------------------------------------------------------------------------
 
