@@ -6,7 +6,7 @@
 
 Progress goes to stderr, the result to stdout. The client follows the job over the WebSocket;
 if the connection drops (a server restart, say) it asks /status and reconnects until --timeout.
-Exit status: 0 done, 1 failed, 2 usage or connection error, 3 timed out.
+Exit status: 0 done, 1 failed, 2 usage or connection error, 3 timed out (130: Ctrl+C).
 """
 
 from __future__ import annotations
@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either TEXT to submit or --watch ID, not both or neither")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

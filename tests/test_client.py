@@ -98,3 +98,13 @@ def test_help(procs: Procs, program: str, flag: str) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert result.stdout.startswith("usage:") and flag in result.stdout
+
+
+def test_ctrl_c_is_quiet(procs: Procs, server: str) -> None:
+    waiting = procs.start(sys.executable, "client.py", "--server", server, "nobody works",
+                          log="client.log")
+    wait_until(lambda: "submitted job" in procs.log(waiting), what="the client to submit")
+    waiting.send_signal(signal.SIGINT)
+    assert waiting.wait(timeout=20) == 130
+    assert "Traceback" not in procs.log(waiting)
+    assert "interrupted" in procs.log(waiting)
