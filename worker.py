@@ -143,19 +143,20 @@ return start(ARGV[1], KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 # same round trip (as by START), or nil: none waiting, or not asked for.
 FINISH = LUA_PRELUDE + """
 local held = redis.call('LREM', KEYS[2], 1, ARGV[1])
-if held == 0 then
-elseif ARGV[2] == 'retry' then
-  bump(KEYS[1], 'queued', ARGV[5])
-  redis.call('HSET', KEYS[1], 'error', ARGV[4])
-  redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
-elseif ARGV[2] == 'failed' then
-  fail(KEYS[1], ARGV[1], ARGV[4], ARGV[5], ARGV[7], KEYS[3], ARGV[9])
-else
-  bump(KEYS[1], 'done', ARGV[5])
-  redis.call('HSET', KEYS[1], 'result', ARGV[3], 'error', '')
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
+if held == 1 then
+  if ARGV[2] == 'retry' then
+    bump(KEYS[1], 'queued', ARGV[5])
+    redis.call('HSET', KEYS[1], 'error', ARGV[4])
+    redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
+  elseif ARGV[2] == 'failed' then
+    fail(KEYS[1], ARGV[1], ARGV[4], ARGV[5], ARGV[7], KEYS[3], ARGV[9])
+  else
+    bump(KEYS[1], 'done', ARGV[5])
+    redis.call('HSET', KEYS[1], 'result', ARGV[3], 'error', '')
+    redis.call('EXPIRE', KEYS[1], ARGV[7])
+  end
+  emit(KEYS[1], ARGV[6])
 end
-if held == 1 then emit(KEYS[1], ARGV[6]) end
 local job = false
 while ARGV[11] == '1' and not job do
   local id = redis.call('LMOVE', KEYS[5], KEYS[2], 'RIGHT', 'LEFT')
