@@ -121,6 +121,11 @@ def job(client: redis.Redis, prefix: str, job_id: str) -> dict[str, str]:
     return client.hgetall(Keys(prefix).job(job_id))  # type: ignore[return-value]
 
 
+def processing_keys(client: redis.Redis, prefix: str) -> list[str]:
+    """The processing lists that exist (an empty list is no key)."""
+    return list(client.scan_iter(match=f"{prefix}:processing:*"))
+
+
 def delete_prefix(client: redis.Redis, prefix: str) -> None:
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:

@@ -27,7 +27,15 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Procs, RedisServer, enqueue, free_port, wait_until
+from tests.conftest import (
+    Procs,
+    RedisServer,
+    delete_prefix,
+    enqueue,
+    free_port,
+    processing_keys,
+    wait_until,
+)
 from worker import Keys
 
 Stack = tuple[Procs, RedisServer, redis.Redis, str]
@@ -52,10 +60,6 @@ def statuses(r: redis.Redis, prefix: str, ids: list[str]) -> list[dict[str, str]
 
 def all_done(r: redis.Redis, prefix: str, ids: list[str]) -> bool:
     return all(job.get("status") == "done" for job in statuses(r, prefix, ids))
-
-
-def processing_keys(r: redis.Redis, prefix: str) -> list[str]:
-    return list(r.scan_iter(match=f"{prefix}:processing:*"))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -226,8 +230,7 @@ def lone_server(tmp_path_factory: pytest.TempPathFactory,
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield procs, server, f"http://127.0.0.1:{port}", client, prefix
     procs.stop_all()
-    for key in client.scan_iter(match=f"{prefix}:*"):
-        client.delete(key)
+    delete_prefix(client, prefix)
     client.close()
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from tests.conftest import ROOT, Procs, enqueue, job, wait_until
+from tests.conftest import ROOT, Procs, enqueue, job, processing_keys, wait_until
 from worker import RETENTION, Keys, Worker
 
 
@@ -186,7 +186,7 @@ def test_sigkilled_worker_loses_no_job(procs: Procs, r: redis.Redis, prefix: str
     wait_until(lambda: status_of(r, prefix, job_id) == "done", timeout=30, what="job to finish")
     stored = job(r, prefix, job_id)
     assert (stored["result"], stored["attempts"]) == ("1.5", "2")
-    assert not list(r.scan_iter(match=f"{prefix}:processing:*"))
+    assert not processing_keys(r, prefix)
 
 
 def test_first_signal_finishes_the_job_then_exits_0(procs: Procs, r: redis.Redis,
@@ -214,7 +214,7 @@ def test_cold_stop_gives_the_job_back(procs: Procs, r: redis.Redis, prefix: str,
     keys = Keys(prefix)
     assert status_of(r, prefix, job_id) == "queued"
     assert r.lrange(keys.queue, 0, -1) == [job_id]
-    assert not list(r.scan_iter(match=f"{prefix}:processing:*"))
+    assert not processing_keys(r, prefix)
     assert not list(r.scan_iter(match=f"{prefix}:lease:*"))  # others may reclaim at once
 
 
