@@ -77,6 +77,10 @@ class Watcher:
             await self._ready.wait()
         return self._pending.popleft()
 
+    def peek(self) -> Update | None:
+        """The next update without taking it: right after registering, the job's state."""
+        return self._pending[0] if self._pending else None
+
 
 async def read_job(redis: Redis, key: str) -> dict[str, str]:
     """A job hash as a dict ({} if there is no such job)."""
@@ -197,12 +201,55 @@ class Hub:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+class Pinger:
+    """Pings every open WebSocket from one loop, and drops a peer that has not answered the
+    previous round's ping by the next. One timer for the whole server: aiohttp's own heartbeat
+    keeps one per socket and re-arms it when the peer's close reply arrives, which kept every
+    closed socket in memory for a whole interval."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.sockets: dict[web.WebSocketResponse, asyncio.Transport] = {}
+        self.silent: set[web.WebSocketResponse] = set()  # pinged, no pong yet
+
+    def add(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
+        self.sockets[ws] = transport
+
+    def heard(self, ws: web.WebSocketResponse) -> None:
+        self.silent.discard(ws)
+
+    def discard(self, ws: web.WebSocketResponse) -> None:
+        self.sockets.pop(ws, None)
+        self.silent.discard(ws)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            for ws in self.silent:
+                if (transport := self.sockets.pop(ws, None)) is not None:
+                    transport.abort()  # a dead peer may never drain what close() would flush
+            self.silent = set(self.sockets)
+            # A ping is written at once, but may then wait on a full send buffer: one task each,
+            # so a slow peer delays nobody, and none outlives the round.
+            pings = [asyncio.create_task(ping(ws)) for ws in self.silent]
+            if pings:
+                _, late = await asyncio.wait(pings, timeout=self.interval)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+
+
+async def ping(ws: web.WebSocketResponse) -> None:
+    with contextlib.suppress(ConnectionError):
+        await ws.ping()
+
+
 REDIS = web.AppKey("redis", Redis)
 HUB = web.AppKey("hub", Hub)
 KEYS = web.AppKey("keys", Keys)
 ORIGINS = web.AppKey("origins", frozenset)
 SUBMIT_SCRIPT = web.AppKey("submit", AsyncScript)
-HEARTBEAT_KEY = web.AppKey("heartbeat", float)
+PINGER = web.AppKey("pinger", Pinger)
 
 
 async def cancel_and_wait(task: asyncio.Task[object]) -> None:
@@ -316,51 +363,82 @@ async def watching(request: web.Request) -> AsyncIterator[Watcher]:
         yield watcher
 
 
-async def relay(watcher: Watcher, send: Callable[[bytes], Awaitable[object]]) -> bool:
-    """Send each newer state in order; True after a terminal one, False if the server closes."""
-    sent = 0
+async def relay(watcher: Watcher, send: Callable[[Update], Awaitable[object]],
+                sent: int = 0) -> bool:
+    """Send each state newer than `sent` in order; True after a terminal one, False if the
+    server closes (or the peer went away)."""
     while (update := await watcher.get()) is not None:
         if update.version > sent:
-            await send(update.data)
+            await send(update)
             sent = update.version
             if update.terminal:
                 return True
     return False
 
 
+async def read_until_closed(ws: web.WebSocketResponse, watcher: Watcher, pinger: Pinger) -> None:
+    """Answer the peer's pings and note its pongs until it closes or goes; then end the relay."""
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.PING:
+                await ws.pong(message.data)
+            elif message.type is WSMsgType.PONG:
+                pinger.heard(ws)
+    finally:
+        watcher.put(None)
+
+
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(heartbeat=request.app[HEARTBEAT_KEY])
+    ws = web.WebSocketResponse(autoping=False)  # the app's Pinger pings; the reader answers
     if not ws.can_prepare(request).ok:
         raise error(web.HTTPBadRequest, "this endpoint speaks WebSocket; use /events for SSE")
     async with watching(request) as watcher:
         await ws.prepare(request)
-
-        async def relay_then_close() -> None:
-            with contextlib.suppress(ConnectionError):
-                finished = await relay(watcher, lambda data: ws.send_frame(data, WSMsgType.TEXT))
-                await ws.close(code=WSCloseCode.OK if finished else WSCloseCode.GOING_AWAY)
-
-        sender = asyncio.create_task(relay_then_close())
+        pinger = request.app[PINGER]
+        pinger.add(ws, request.transport)  # type: ignore[arg-type]  # set while connected
+        reader = asyncio.create_task(read_until_closed(ws, watcher, pinger))
         try:
-            async for _ in ws:  # the client has nothing to say; reading answers pings and closes
-                pass
+            finished = await relay(watcher, lambda u: ws.send_frame(u.data, WSMsgType.TEXT))
+        except ConnectionError:  # the peer went away mid-send
+            finished = False
         finally:
-            await cancel_and_wait(sender)
+            pinger.discard(ws)
+            await cancel_and_wait(reader)
+        # Closed here, with no reader in another task: aiohttp's close() then waits for the
+        # peer's close reply before it drops the connection. With a concurrent reader it drops
+        # it at once, and a peer whose reply then fails to send reports 1006, not our 1000.
+        with contextlib.suppress(ConnectionError):
+            await ws.close(code=WSCloseCode.OK if finished else WSCloseCode.GOING_AWAY)
     return ws
 
 
+def last_event_id(request: web.Request) -> int:
+    """The version an EventSource saw last before reconnecting (0 on a first connection)."""
+    value = request.headers.get("Last-Event-ID", "")
+    if not value:
+        return 0
+    if not value.isdigit():
+        raise error(web.HTTPBadRequest, "Last-Event-ID must be an event id this server sent")
+    return int(value)
+
+
 async def events(request: web.Request) -> web.StreamResponse:
+    seen = last_event_id(request)
     async with watching(request) as watcher:
+        state = watcher.peek()
+        if seen and state is not None and state.terminal and state.version <= seen:
+            # A reconnect after the end: 204 is what tells an EventSource to stop reconnecting.
+            return web.Response(status=204)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
 
-        async def send(data: bytes) -> None:
-            await response.write(b"data: " + data + b"\n\n")
+        async def send(update: Update) -> None:
+            await response.write(b"id: %d\ndata: %b\n\n" % (update.version, update.data))
 
-        sender = asyncio.create_task(relay(watcher, send))
+        sender = asyncio.create_task(relay(watcher, send, seen))
         try:
-            while not (await asyncio.wait({sender}, timeout=request.app[HEARTBEAT_KEY]))[0]:
+            while not (await asyncio.wait({sender}, timeout=request.app[PINGER].interval))[0]:
                 await response.write(b": keepalive\n\n")
             await sender
         except ConnectionError:
@@ -383,7 +461,7 @@ def make_app(
     app = web.Application(middlewares=[json_errors], client_max_size=max_input_bytes)
     app[KEYS] = Keys(prefix)
     app[ORIGINS] = allowed_origins
-    app[HEARTBEAT_KEY] = heartbeat
+    app[PINGER] = Pinger(heartbeat)
 
     async def redis_client(app: web.Application) -> AsyncIterator[None]:
         pool = BlockingConnectionPool.from_url(
@@ -399,9 +477,10 @@ def make_app(
 
     async def listener(app: web.Application) -> AsyncIterator[None]:
         app[HUB] = hub = Hub(app[REDIS], app[KEYS])
-        task = asyncio.create_task(hub.listen())
+        tasks = [asyncio.create_task(hub.listen()), asyncio.create_task(app[PINGER].run())]
         yield
-        await cancel_and_wait(task)
+        for task in tasks:
+            await cancel_and_wait(task)
 
     async def close_watchers(app: web.Application) -> None:
         app[HUB].close()

@@ -370,3 +370,139 @@ def test_finished_jobs_expire_and_nothing_grows(stack: Stack) -> None:
                what="finished jobs to expire")
     assert sorted(k.split(":")[1] for k in r.scan_iter(match=f"{prefix}:*")) == [
         "lease", "lease", "workers"]
+
+
+# 11 ----------------------------------------------------------------------------------------------
+# Streams end cleanly, seen by clients that are not ours.
+
+@pytest.fixture
+def done_jobs(procs: Procs, r: redis.Redis, prefix: str) -> Iterator[tuple[str, list[str]]]:
+    """A server (its address) and 50 jobs a worker has finished."""
+    port = free_port()
+    procs.server(port)
+    ids = [enqueue(r, prefix, f"job {i}") for i in range(50)]
+    procs.worker()
+    wait_until(lambda: all_done(r, prefix, ids), what="the jobs to be done")
+    yield f"127.0.0.1:{port}", ids
+
+
+def test_a_watcher_reading_in_its_own_task_sees_close_1000(
+        done_jobs: tuple[str, list[str]]) -> None:
+    """The report's client: each watcher in its own event loop and session, reading in a task of
+    its own (as asyncio.wait_for does). The server used to drop the connection before the
+    watcher's close reply, which aiohttp's client then reported as 1006 about half the time."""
+    address, ids = done_jobs
+
+    async def watch(job_id: str) -> tuple[list[str], int | None]:
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(f"ws://{address}/ws", params={"id": job_id}) as ws:
+            statuses = await asyncio.wait_for(read_all(ws), 20)
+        return [m["status"] for m in statuses], ws.close_code
+
+    seen = [asyncio.run(watch(job_id)) for job_id in ids]
+    assert seen == [(["done"], 1000)] * len(ids)
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare socket: it sees exactly what the server puts on the wire."""
+
+    def __init__(self, address: str, path: str) -> None:
+        host, port = address.split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\n"
+                          "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        self.buffer = b""
+        head = self.read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def read_until(self, end: bytes) -> bytes:
+        while end not in self.buffer:
+            chunk = self.sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(end)
+        return head
+
+    def read_exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def frame(self) -> tuple[int, bytes]:
+        """The next frame from the server (unmasked): (opcode, payload)."""
+        first, second = self.read_exactly(2)
+        size = second & 0x7F
+        if size >= 126:
+            size = int.from_bytes(self.read_exactly(2 if size == 126 else 8), "big")
+        return first & 0x0F, self.read_exactly(size)
+
+    def send_close(self, code: int) -> None:
+        payload, mask = code.to_bytes(2, "big"), os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x88, 0x80 | len(payload)]) + mask + masked)
+
+    def closed_by_peer(self) -> bool:
+        """True if the server has closed the connection (EOF waiting), without blocking."""
+        self.sock.setblocking(False)
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:  # nothing to read: still open
+            return False
+        finally:
+            self.sock.settimeout(10)
+
+
+def test_the_server_closes_with_1000_and_waits_for_the_close_reply(
+        done_jobs: tuple[str, list[str]]) -> None:
+    """The closing handshake of RFC 6455: the server sends close 1000, then waits for the
+    client's close frame before it drops the connection, even from a client slow to answer."""
+    address, ids = done_jobs
+    for job_id in ids[:10]:
+        ws = RawWebSocket(address, f"/ws?id={job_id}")
+        try:
+            opcode, payload = ws.frame()
+            assert (opcode, json.loads(payload)["status"]) == (0x1, "done")
+            opcode, payload = ws.frame()
+            assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1000)
+            time.sleep(0.2)  # a client slow to answer, not a wait for the server
+            assert not ws.closed_by_peer(), "the server dropped the connection before our reply"
+            ws.send_close(1000)
+            assert ws.sock.recv(1) == b"", "the server did not close after the handshake"
+        finally:
+            ws.sock.close()
+
+
+@pytest.mark.slow
+async def test_closed_websockets_do_not_stay_in_memory(stack: Stack) -> None:
+    """20,000 jobs submitted and followed over /ws to `done`, 64 at a time: once the first
+    rounds have warmed the server up, its RSS stays flat. Each closed socket used to stay in
+    memory until its (re-armed) 30 s heartbeat timer fired: about 7 MB more per 1,000."""
+    procs, _, _, _ = stack
+    port = free_port()
+    base = f"127.0.0.1:{port}"
+    server = procs.server(port)
+    for _ in range(2):
+        procs.worker()
+    limit = asyncio.Semaphore(64)
+
+    async def one(session: aiohttp.ClientSession) -> str:
+        async with limit:
+            async with session.post(f"http://{base}/submit", json={"input": "x"}) as response:
+                job_id = (await response.json())["id"]
+            async with session.ws_connect(f"ws://{base}/ws", params={"id": job_id}) as ws:
+                return str((await read_all(ws))[-1]["status"])
+
+    rss = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for _ in range(5):
+            ends = await asyncio.wait_for(
+                asyncio.gather(*(one(session) for _ in range(4000))), 120)
+            assert set(ends) == {"done"}
+            rss.append(rss_bytes(server.pid))
+    mib = [round(b / 2**20, 1) for b in rss]
+    print(f"server RSS after each round of 4,000 watched jobs: {mib} MiB")
+    assert max(rss[2:]) - rss[1] < 16 * 2**20, f"the server kept growing: {mib} MiB"

@@ -252,18 +252,58 @@ async def test_origin_check(make_client: MakeClient) -> None:
         await ws.close()
 
 
+def sse_events(text: str) -> list[tuple[int, dict[str, Any]]]:
+    """The (id, message) of each event in a text/event-stream body; comments left out."""
+    events = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n")
+                      if line and not line.startswith(":"))
+        if fields:
+            events.append((int(fields["id"]), json.loads(fields["data"])))
+    return events
+
+
 async def test_server_events_stream(client: Client, worker: Worker) -> None:
     job = await submit(client)
     response = await client.get("/events", params={"id": job["id"]})
     assert response.status == 200
     assert response.content_type == "text/event-stream"
     first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
-    assert json.loads(first.removeprefix(b"data: "))["status"] == "queued"
+    assert [(i, m["status"]) for i, m in sse_events(first.decode())] == [(1, "queued")]
     await work_one(worker)
     rest = (await asyncio.wait_for(response.content.read(), 5)).decode()  # ends after done
-    statuses = [json.loads(line[6:])["status"] for line in rest.split("\n")
-                if line.startswith("data: ")]
-    assert statuses == ["running", "done"]
+    events = sse_events(rest)
+    assert [m["status"] for _, m in events] == ["running", "done"]
+    assert all(i == m["version"] for i, m in events)  # the id of an event is its version
+
+
+async def test_an_eventsource_reconnecting_after_the_end_is_told_to_stop(
+        client: Client, worker: Worker) -> None:
+    """An EventSource reconnects whenever a stream ends; 204 is what stops it."""
+    job = await submit(client)
+    await work_one(worker)
+    response = await client.get("/events", params={"id": job["id"]})
+    [(last, message)] = sse_events(await response.text())  # a first connection: the end, once
+    assert message["status"] == "done"
+    reconnect = await client.get("/events", params={"id": job["id"]},
+                                 headers={"Last-Event-ID": str(last)})
+    assert (reconnect.status, await reconnect.read()) == (204, b"")
+    # One that missed the end (it dropped before `done` arrived) still gets it.
+    missed = await client.get("/events", params={"id": job["id"]},
+                              headers={"Last-Event-ID": str(last - 1)})
+    assert [m["status"] for _, m in sse_events(await missed.text())] == ["done"]
+    await assert_error(await client.get("/events", params={"id": job["id"]},
+                                        headers={"Last-Event-ID": "x"}), 400, "Last-Event-ID")
+
+
+async def test_an_eventsource_reconnecting_mid_job_gets_only_what_it_missed(
+        client: Client, worker: Worker) -> None:
+    job = await submit(client)
+    response = await client.get("/events", params={"id": job["id"]},
+                                headers={"Last-Event-ID": "1"})  # it has seen `queued`
+    await work_one(worker)
+    events = sse_events((await asyncio.wait_for(response.content.read(), 5)).decode())
+    assert [m["status"] for _, m in events] == ["running", "done"]
 
 
 async def test_events_errors(client: Client) -> None:
