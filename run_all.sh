@@ -70,6 +70,7 @@ if [ -z "${REDIS_URL:-}" ]; then
   fi
   start redis redis-server --port 0 --unixsocket "$socket" --unixsocketperm 700 \
     --dir "$DATA_DIR" --appendonly yes --appendfsync everysec --save "" \
+    --maxmemory-policy noeviction \
     --logfile "$DATA_DIR/redis.log"
   redis_pid=$!
   until redis-cli -s "$socket" ping >/dev/null 2>&1; do

@@ -30,10 +30,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from worker import PREFIX, TERMINAL, Keys, now
+from worker import PREFIX, TERMINAL, WRITES, Keys, now, redis_said
 
 log = logging.getLogger("server")
 
@@ -44,11 +45,14 @@ POOL_WAIT = 5.0  # seconds a request waits for a pooled connection before 503
 BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dropped
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 MESSAGE_FIELDS = ("id", "status", "result", "error", "attempts", "updated", "version")
-# KEYS: job, queue. ARGV: id, then the job's fields and values. Stores and queues in one step.
-SUBMIT = """
+# KEYS: job, queue. ARGV: id, then the job's fields and values. Stores and queues in one step,
+# or is refused before it runs while Redis refuses writes (full, READONLY, NOREPLICAS, MISCONF).
+SUBMIT = WRITES + """
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('LPUSH', KEYS[2], ARGV[1])
 """
+# Writes nothing, but declares that it may: Redis refuses it exactly when it refuses a submit.
+WRITABLE = WRITES + "return 1"
 
 
 @dataclass(frozen=True)
@@ -193,8 +197,9 @@ class Hub:
                         log.info("subscribed to %s", self.keys.events)
                         await self.resync()
                         delay = 0.1
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("pub/sub connection lost (%s); resubscribing in %.1fs", exc, delay)
+            except RedisError as exc:
+                log.warning("pub/sub connection lost (%s); resubscribing in %.1fs",
+                            redis_said(exc), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
@@ -249,6 +254,7 @@ HUB = web.AppKey("hub", Hub)
 KEYS = web.AppKey("keys", Keys)
 ORIGINS = web.AppKey("origins", frozenset)
 SUBMIT_SCRIPT = web.AppKey("submit", AsyncScript)
+WRITABLE_SCRIPT = web.AppKey("writable", AsyncScript)
 PINGER = web.AppKey("pinger", Pinger)
 
 
@@ -272,7 +278,8 @@ def error(status: type[web.HTTPError], message: str) -> web.HTTPError:
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Give aiohttp's own errors (404, 405, 413) JSON bodies, and Redis outages a 503."""
+    """Give aiohttp's own errors (404, 405, 413) JSON bodies; Redis outages and refusals
+    (error replies) a 503, and a full Redis a 507."""
     try:
         return await handler(request)
     except web.HTTPError as exc:
@@ -291,6 +298,16 @@ async def json_errors(
         log.warning("%s %s: redis unavailable: %s", request.method, request.path, exc)
         raise error(web.HTTPServiceUnavailable,
                     "the job store (Redis) is unavailable; try again shortly") from None
+    except OutOfMemoryError as exc:
+        log.warning("%s %s: redis is full: %s", request.method, request.path, redis_said(exc))
+        raise error(web.HTTPInsufficientStorage,
+                    "the job store is full (Redis reached its maxmemory); nothing was stored. "
+                    "Try again once workers have drained the queue") from None
+    except ResponseError as exc:  # READONLY, NOREPLICAS, MISCONF, BUSY, ...
+        log.warning("%s %s: redis refused: %s", request.method, request.path, redis_said(exc))
+        raise error(web.HTTPServiceUnavailable,
+                    f"the job store (Redis) refused the request; nothing was stored. Redis said: "
+                    f"{redis_said(exc)}") from None
 
 
 def new_job(text: str) -> dict[str, str | int]:
@@ -344,8 +361,12 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    await request.app[REDIS].ping()
-    return web.json_response({"status": "ok"})
+    """Liveness: 200 while Redis answers; the body says whether it takes writes too."""
+    try:
+        await request.app[WRITABLE_SCRIPT](keys=[], args=[])
+    except ResponseError as exc:
+        return web.json_response({"status": "ok", "redis": f"refuses writes: {redis_said(exc)}"})
+    return web.json_response({"status": "ok", "redis": "ok"})
 
 
 @contextlib.asynccontextmanager
@@ -472,6 +493,7 @@ def make_app(
         )
         app[REDIS] = Redis.from_pool(pool)
         app[SUBMIT_SCRIPT] = app[REDIS].register_script(SUBMIT)
+        app[WRITABLE_SCRIPT] = app[REDIS].register_script(WRITABLE)
         yield
         await app[REDIS].aclose()
 

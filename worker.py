@@ -95,6 +95,13 @@ def upper(text: str) -> str:
     return text.upper()
 
 
+# Redis 7 script flags, checked before a script runs, so a refused script has written nothing.
+# WRITES: refused while Redis refuses writes (full, READONLY, NOREPLICAS, MISCONF). ALLOW_OOM:
+# refused for all of those but a full memory, for scripts that free memory or cost next to none
+# (finishing and reclaiming jobs, renewing the lease), so that workers drain a full Redis.
+WRITES = "#!lua\n"
+ALLOW_OOM = "#!lua flags=allow-oom\n"
+
 # Lua shared by the scripts: emit() publishes the job's state as JSON after every change, and
 # bump() stamps a change; every change raises `version`, so watchers can drop stale messages.
 LUA_PRELUDE = """
@@ -132,7 +139,7 @@ end
 """
 
 # KEYS: processing. ARGV: prefix, id (just taken by BLMOVE), now, channel.
-START = LUA_PRELUDE + """
+START = ALLOW_OOM + LUA_PRELUDE + """
 return start(ARGV[1], KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 """
 
@@ -140,7 +147,9 @@ return start(ARGV[1], KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 # error, now, channel, retention, due time, dead max, prefix, take next (1/0). Returns {held,
 # next}: held is 0 if this worker no longer holds the job (its lease expired and the job was
 # reclaimed: the other try's outcome stands); next is the next job, taken and started in the
-# same round trip (as by START), or nil: none waiting, or not asked for.
+# same round trip (as by START), or nil: none waiting, or not asked for. Registered twice: with
+# WRITES to take the next job, and with ALLOW_OOM to finish alone when Redis is full (a new job
+# waits, as BLMOVE does, until memory is back).
 FINISH = LUA_PRELUDE + """
 local held = redis.call('LREM', KEYS[2], 1, ARGV[1])
 if held == 1 then
@@ -171,7 +180,7 @@ return {held, job}
 # strays: a BLMOVE whose reply was lost). Puts back at the head of the queue the unfinished jobs
 # of those workers and of every worker whose lease expired (which also leave the worker set),
 # failing those out of attempts; then moves retries that are due onto the queue.
-RECLAIM = LUA_PRELUDE + """
+RECLAIM = ALLOW_OOM + LUA_PRELUDE + """
 local prefix, channel, now = ARGV[1], ARGV[2], ARGV[3]
 local max, moved = tonumber(ARGV[5]), 0
 local idle, lost = {}, {}
@@ -216,6 +225,43 @@ for _, id in ipairs(due) do
 end
 return {moved, #due}
 """
+
+# KEYS: lease, workers. ARGV: lease in ms, worker name. Renews the lease, and re-registers.
+LEASE = ALLOW_OOM + """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+"""
+
+
+def redis_said(exc: redis.RedisError) -> str:
+    """An error reply as Redis said it (redis-py takes the code off some: OOM, READONLY)."""
+    code = getattr(exc, "status_code", None)
+    return f"{code} {exc}" if code and not str(exc).startswith(code) else str(exc)
+
+
+class Backoff:
+    """Waits between tries of a Redis step while Redis is unreachable or refuses it: 0.1 s,
+    doubling up to REDIS_RETRY_CAP. Logs the first failure of a run of them, and the end."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+
+    def wait(self, exc: redis.RedisError) -> None:
+        if not self.delay:
+            if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                problem = f"redis unavailable ({exc})"
+            elif isinstance(exc, redis.exceptions.OutOfMemoryError):
+                problem = f"redis is full, taking no new job ({redis_said(exc)})"
+            else:
+                problem = f"redis refused a command ({redis_said(exc)})"
+            log.warning("%s; retrying every %gs at most", problem, REDIS_RETRY_CAP)
+        self.delay = min(self.delay * 2 or 0.1, REDIS_RETRY_CAP)
+        time.sleep(self.delay)
+
+    def done(self) -> None:
+        if self.delay:
+            log.info("redis works again")
+            self.delay = 0.0
 
 
 def load_handler(spec: str) -> Handler:
@@ -265,8 +311,10 @@ class Worker:
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
         )
         self._start = self.redis.register_script(START)
-        self._finish = self.redis.register_script(FINISH)
+        self._finish_take = self.redis.register_script(WRITES + FINISH)
+        self._finish = self.redis.register_script(ALLOW_OOM + FINISH)
         self._reclaim = self.redis.register_script(RECLAIM)
+        self._lease = self.redis.register_script(LEASE)
         self.stopping = False  # the first signal: take no new job
         self.cold = False  # the second: give the job back and exit now
         self._stop_deadline = float("inf")  # monotonic time when the grace runs out
@@ -290,11 +338,15 @@ class Worker:
     def keeper(self) -> None:
         """Thread: renew the lease every --lease/3 s whatever the main thread is doing (a long
         handler included); on a cold stop, give this worker's jobs back and exit the process."""
+        renewed = True
         while not (self.cold or time.monotonic() >= self._stop_deadline):
             try:
                 self.heartbeat()
+                renewed = True
             except redis.RedisError as exc:
-                log.warning("cannot renew lease: %s", exc)
+                if renewed:  # once a run of failures: the main loop says what Redis does
+                    log.warning("cannot renew the lease (%s); retrying", redis_said(exc))
+                renewed = False
             self._wake.wait(min(self.lease / 3, max(self._stop_deadline - time.monotonic(), 0)))
             self._wake.clear()
         if not self.cold:
@@ -315,10 +367,8 @@ class Worker:
 
     def heartbeat(self) -> None:
         """Renew the lease (and re-register, in case this worker was presumed dead)."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.lease(self.name), "1", px=int(self.lease * 1000))
-            pipe.sadd(self.keys.workers, self.name)
-            pipe.execute()
+        self._lease(keys=[self.keys.lease(self.name), self.keys.workers],
+                    args=[int(self.lease * 1000), self.name])
 
     def reclaim(self, *idle: str, max_attempts: int | None = None) -> tuple[int, int]:
         """Requeue what the idle workers named hold (strays) and the jobs of workers whose
@@ -348,15 +398,21 @@ class Worker:
     def finish(self, job_id: str, outcome: str, result: str = "", error: str = "",
                due: float = 0.0) -> Job | None:
         """Record done/failed/retry atomically, and take the next job in the same round trip
-        unless the worker is stopping or maintenance is due (it runs with no job held). A result
-        is dropped if the job was reclaimed meanwhile."""
+        unless the worker is stopping, maintenance is due (it runs with no job held) or Redis is
+        full. A result is dropped if the job was reclaimed meanwhile."""
         k = self.keys
+        keys = [k.job(job_id), k.processing(self.name), k.dead, k.delayed, k.queue]
+
+        def args(take_next: bool) -> list[str | int | float]:
+            return [job_id, outcome, result, error, now(), k.events, self.retention, due,
+                    DEAD_MAX, k.prefix, int(take_next)]
+
         chain = not self.stopping and time.monotonic() < self._next_maintain
-        held, taken = self._finish(
-            keys=[k.job(job_id), k.processing(self.name), k.dead, k.delayed, k.queue],
-            args=[job_id, outcome, result, error, now(), k.events, self.retention, due, DEAD_MAX,
-                  k.prefix, int(chain)],
-        )
+        try:
+            held, taken = (self._finish_take if chain else self._finish)(keys=keys,
+                                                                          args=args(chain))
+        except redis.exceptions.OutOfMemoryError:  # refused before it ran: finish alone
+            held, taken = self._finish(keys=keys, args=args(False))
         if not held:
             log.warning("job %s was reclaimed while this worker ran it; dropping this result",
                         job_id)
@@ -375,18 +431,19 @@ class Worker:
             return False, f"{type(exc).__name__}: {exc}"
 
     def until_recorded(self, step: Callable[[], T]) -> T:
-        """Run a Redis step until Redis takes it: a result is never dropped for an outage."""
-        delay = 0.1
+        """Run a Redis step until Redis takes it: a result is never dropped for an outage or
+        a refusal."""
+        backoff = Backoff()
         while True:
             try:
-                return step()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                result = step()
+                backoff.done()
+                return result
+            except redis.RedisError as exc:
                 # A reply may have been lost with a job taken in it: take none until the next
                 # maintenance, which runs with no job held and puts such strays back.
                 self._next_maintain = 0.0
-                log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, REDIS_RETRY_CAP)
+                backoff.wait(exc)
 
     def process(self, job: Job) -> Job | None:
         """Run one job to its outcome; return the next one if finishing took it."""
@@ -421,15 +478,14 @@ class Worker:
             signal.signal(signum, self._on_signal)
         threading.Thread(target=self.keeper, name="keeper", daemon=True).start()
         log.info("worker %s: waiting for jobs on %s", self.name, self.keys.queue)
-        delay = 0.1
+        backoff = Backoff()
         while not self.stopping:
             try:
                 self.step()
-                delay = 0.1
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, REDIS_RETRY_CAP)
+                backoff.done()
+            except redis.RedisError as exc:  # unreachable, or refusing: full, READONLY, ...
+                self._next_maintain = 0.0  # a job taken but not started is put back first
+                backoff.wait(exc)
         self.close()
         log.info("worker %s: stopped", self.name)
         return 0

@@ -65,7 +65,7 @@ class Procs:
 
     def __init__(self, redis_url: str, prefix: str, tmp: Path) -> None:
         self.redis_url, self.prefix, self.tmp = redis_url, prefix, tmp
-        self.started: list[subprocess.Popen[str]] = []
+        self.started: list[subprocess.Popen[Any]] = []
         self.logs: dict[int, Path] = {}
 
     def env(self, **extra: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Handlers the tests load into worker processes with --handler handlers:NAME."""
 
 import contextlib
+import os
 import time
 
 
@@ -29,3 +30,10 @@ def stubborn(text: str) -> str:
     while True:
         with contextlib.suppress(BaseException):  # deliberately deaf
             time.sleep(0.1)
+
+
+def gate(path: str) -> str:
+    """Wait until the file named by the input exists (the test opens the gate), then return."""
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return "through"

@@ -17,7 +17,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -506,3 +506,112 @@ async def test_closed_websockets_do_not_stay_in_memory(stack: Stack) -> None:
     mib = [round(b / 2**20, 1) for b in rss]
     print(f"server RSS after each round of 4,000 watched jobs: {mib} MiB")
     assert max(rss[2:]) - rss[1] < 16 * 2**20, f"the server kept growing: {mib} MiB"
+
+
+# 12 ----------------------------------------------------------------------------------------------
+# When Redis says no. Each refusal below starts while two jobs are running and twenty queued,
+# and ends once the workers have met it.
+
+def fill_up(r: redis.Redis, own_redis: RedisServer, procs: Procs) -> Callable[[], None]:
+    """A full memory: a small maxmemory with noeviction, filled to the brim; then maxmemory
+    lowered a little below what is used, so that a few bytes freed do not open it again."""
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 2**22)
+    for i in range(10_000):
+        try:
+            r.set(f"filler:{i}", "x" * 65536)
+        except redis.exceptions.OutOfMemoryError:
+            break
+    else:
+        pytest.fail("Redis never filled up")
+    r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 2**19)
+
+    def allow() -> None:
+        r.delete(*r.keys("filler:*"))
+        r.config_set("maxmemory", 0)
+    return allow
+
+
+def no_replicas(r: redis.Redis, own_redis: RedisServer, procs: Procs) -> Callable[[], None]:
+    """Every write refused with NOREPLICAS: one replica is required, and there is none."""
+    r.config_set("min-replicas-to-write", 1)
+
+    def allow() -> None:
+        r.config_set("min-replicas-to-write", 0)
+    return allow
+
+
+def demoted(r: redis.Redis, own_redis: RedisServer, procs: Procs) -> Callable[[], None]:
+    """Demoted with REPLICAOF to a replica of a second Redis that holds the same data (every
+    write READONLY), then promoted back."""
+    (procs.tmp / "other").mkdir()
+    other = RedisServer(procs.tmp / "other")
+    other.start()
+    assert other.proc is not None
+    procs.started.append(other.proc)  # stopped by pid at teardown
+    o = redis.Redis(port=other.port, decode_responses=True)
+    o.replicaof("127.0.0.1", own_redis.port)
+    wait_until(lambda: o.info("replication")["master_link_status"] == "up")
+    r.client_pause(10_000, all=False)  # writes wait (not fail) while the roles change
+    wait_until(lambda: o.info("replication")["master_repl_offset"]
+               == r.info("replication")["master_repl_offset"], what="the replica to catch up")
+    o.replicaof("NO", "ONE")
+    r.replicaof("127.0.0.1", other.port)
+    r.client_unpause()
+    wait_until(lambda: r.info("replication")["master_link_status"] == "up")
+
+    def allow() -> None:
+        r.replicaof("NO", "ONE")
+        o.close()
+    return allow
+
+
+@pytest.mark.parametrize(("refuse", "status", "words", "logged"), [
+    (fill_up, 507, "the job store is full", "redis is full"),
+    (no_replicas, 503, "NOREPLICAS", "redis refused a command (NOREPLICAS"),
+    (demoted, 503, "READONLY", "READONLY"),
+], ids=["full", "noreplicas", "readonly"])
+async def test_when_redis_says_no_nothing_crashes_and_nothing_is_lost(
+        stack: Stack, refuse: Callable[..., Callable[[], None]], status: int, words: str,
+        logged: str) -> None:
+    procs, own_redis, r, prefix = stack
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    gate = procs.tmp / "gate"
+    server = procs.server(port)
+    workers = [procs.worker("--handler", "handlers:gate") for _ in range(2)]
+    async with aiohttp.ClientSession() as session:
+
+        async def submit() -> tuple[int, dict[str, Any]]:
+            async with session.post(f"{base}/submit", json={"input": str(gate)}) as response:
+                return response.status, await response.json()
+
+        running = [(await submit())[1]["id"] for _ in range(2)]
+        await asyncio.to_thread(wait_until, lambda: all(
+            job["status"] == "running" for job in statuses(r, prefix, running)))
+        queued = [(await submit())[1]["id"] for _ in range(20)]
+        allow = refuse(r, own_redis, procs)
+
+        refused = [await submit() for _ in range(5)]
+        assert [code for code, _ in refused] == [status] * 5
+        assert all(words in body["error"] for _, body in refused), refused
+        async with session.get(f"{base}/healthz") as response:
+            health = await response.json()
+        assert response.status == 200 and "refuses writes" in health["redis"], health
+
+        gate.touch()  # the running jobs end now, while Redis refuses
+        await asyncio.to_thread(wait_until, lambda: all(
+            logged in procs.log(w) for w in workers), what="both workers to meet the refusal")
+        ends = [job["status"] for job in statuses(r, prefix, running)]
+        # A full Redis still takes finished jobs (they free memory); a refusing one takes
+        # nothing, and the workers hold their results until it does.
+        assert ends == (["done"] * 2 if refuse is fill_up else ["running"] * 2)
+        assert r.llen(Keys(prefix).queue) == 20  # no new job was taken meanwhile
+        allow()
+
+        accepted = running + queued
+        await asyncio.to_thread(wait_until, lambda: all_done(r, prefix, accepted), 60)
+    assert [p.poll() for p in (server, *workers)] == [None] * 3
+    assert len(list(r.scan_iter(match=Keys(prefix).job("*")))) == len(accepted)  # none half-done
+    for proc in (server, *workers):
+        assert "Traceback" not in procs.log(proc), procs.log(proc)

@@ -4,8 +4,10 @@ Worker object of this process, or by writing to Redis directly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -16,7 +18,7 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from server import make_app
-from tests.conftest import free_port
+from tests.conftest import RedisServer, free_port, wait_until
 from worker import Keys, Worker
 
 Client = TestClient[Any, Any]
@@ -153,7 +155,7 @@ async def test_unknown_routes_and_methods_get_json_errors(client: Client) -> Non
 async def test_healthz(client: Client) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
-    assert await response.json() == {"status": "ok"}
+    assert await response.json() == {"status": "ok", "redis": "ok"}
 
 
 async def test_redis_unreachable_is_503_and_the_server_stays_up(make_client: MakeClient) -> None:
@@ -367,3 +369,39 @@ async def test_watcher_sees_job_of_another_server(make_client: MakeClient,
     job = await submit(first)
     _, messages, _ = await watch_it_run(second, job["id"], worker)
     assert messages[-1]["result"] == "HELLO WORLD"
+
+
+async def test_a_busy_redis_is_503_with_what_redis_said(make_client: MakeClient,
+                                                        own_redis: RedisServer) -> None:
+    """Every error reply is a JSON answer, never a 500: here BUSY (a script that runs on)."""
+    client = await make_client(redis_url=own_redis.url)
+    r = redis.Redis.from_url(own_redis.url)
+    r.config_set("busy-reply-threshold", 50)  # ms a script runs before others get BUSY
+
+    def spin() -> None:
+        with contextlib.suppress(redis.ResponseError):  # "killed by SCRIPT KILL"
+            r.eval("while true do end", 0)
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        probe = redis.Redis.from_url(own_redis.url)
+
+        def busy() -> bool:
+            try:
+                probe.ping()
+                return False
+            except redis.ResponseError as exc:
+                return "BUSY" in str(exc)
+
+        await asyncio.to_thread(wait_until, busy, what="Redis to be BUSY")
+        await assert_error(await client.post("/submit", json={"input": "x"}), 503, "BUSY")
+        await assert_error(await client.get("/status", params={"id": "a" * 32}), 503, "BUSY")
+        health = await client.get("/healthz")
+        assert health.status == 200
+        assert "refuses writes: BUSY" in (await health.json())["redis"]
+    finally:
+        probe.script_kill()
+        spinner.join()
+        probe.close()
+        r.close()
