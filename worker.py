@@ -1,24 +1,30 @@
 """Job queue worker: takes jobs from Redis, runs a handler on each, records the outcome.
 
-    python worker.py [--redis-url URL] [--handler MODULE:FUNCTION] [--max-attempts N] [--lease S]
+    python worker.py [--redis-url URL] [--handler MODULE:FUNCTION] [--concurrency N]
+                     [--timeout S] [--max-attempts N] [--lease S]
 
-It blocks on Redis for the next job (BLMOVE from the queue into a processing list it owns),
-keeps a lease while it lives, and finishes each job with one Lua script (status, result,
-removal from the processing list, expiry, publish). A worker whose lease expires is presumed
-dead: any live worker puts its jobs back on the queue. Delivery is therefore at-least-once, so
-handlers should be idempotent. A handler that raises is retried with exponential backoff, up to
---max-attempts tries; then the job is failed and its id kept on the dead-letter list.
+It runs up to --concurrency jobs at once, in as many slots: a plain handler on a thread per
+slot, an `async def` handler as a task per slot on one event loop. Each slot blocks on Redis for
+its next job (BLMOVE from the queue into a processing list of its own, empty between jobs) and
+finishes each job with one Lua script (status, result, removal from the list, expiry, publish),
+which also takes the slot's next job. One lease covers the whole worker: a worker whose lease
+expires is presumed dead, and any live worker puts its jobs back on the queue. Delivery is
+therefore at-least-once, so handlers should be idempotent. A try that raises or runs past
+--timeout is retried with exponential backoff, up to --max-attempts tries; then the job is
+failed and its id kept on the dead-letter list.
 
-First SIGTERM/SIGINT: take no new job, finish the current one within --grace seconds, exit 0.
-Second signal, or the grace running out: put the job back on the queue, exit 1, even if the
-handler never returns (the handler runs on the main thread; a keeper thread renews the lease
-and carries out the cold stop).
+First SIGTERM/SIGINT: take no new job, finish those running within --grace seconds, exit 0.
+Second signal, or the grace running out: put them back on the queue, exit 1, even if a handler
+never returns (a keeper thread renews the lease, times tries out, and does the cold stop).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ctypes
 import importlib
+import inspect
 import logging
 import os
 import random
@@ -28,12 +34,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from types import FrameType
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import redis
+import redis.asyncio
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -44,11 +51,14 @@ TERMINAL = ("done", "failed")
 RETENTION = 86_400  # seconds a finished job is kept
 DEAD_MAX = 10_000  # ids kept on the dead-letter list
 BLOCK = 1  # seconds BLMOVE blocks, so a stop flag is seen at least this often
-MAINTAIN_EVERY = 1.0  # seconds between promoting due retries and reclaiming dead workers' jobs
+MAINTAIN_EVERY = 1.0  # seconds between a slot's rounds of reclaiming (strays, dead workers)
 REDIS_RETRY_CAP = 5.0  # seconds between tries while Redis is unreachable
+CONCURRENCY = 10  # jobs in flight per worker, as arq and SAQ
+TIMEOUT = 300.0  # seconds a try may run
+TICK = 0.25  # seconds between the keeper's looks at the slots' deadlines
 
 T = TypeVar("T")
-Handler = Callable[[str], str]
+Handler = Callable[[str], str] | Callable[[str], Awaitable[str]]
 
 
 class Job(NamedTuple):
@@ -72,14 +82,14 @@ class Keys:
         self.queue = f"{prefix}:queue"  # list of ids; LPUSH to add, BLMOVE from the right to take
         self.delayed = f"{prefix}:delayed"  # sorted set: ids waiting out a retry, by due time
         self.dead = f"{prefix}:dead"  # list of ids of failed jobs, newest first
-        self.workers = f"{prefix}:workers"  # set of worker names that may hold jobs
+        self.workers = f"{prefix}:workers"  # set of slots (<worker>/<n>) that may hold jobs
         self.events = f"{prefix}:events"  # pub/sub channel: one JSON message per change
 
     def job(self, job_id: str) -> str:  # hash: the job's fields
         return f"{self.prefix}:job:{job_id}"
 
-    def processing(self, worker: str) -> str:  # list of ids the worker has taken
-        return f"{self.prefix}:processing:{worker}"
+    def processing(self, slot: str) -> str:  # list of the id the slot has taken (or none)
+        return f"{self.prefix}:processing:{slot}"
 
     def lease(self, worker: str) -> str:  # exists while the worker is alive (TTL --lease)
         return f"{self.prefix}:lease:{worker}"
@@ -176,19 +186,22 @@ return {held, job}
 """
 
 # KEYS: queue, workers, dead, delayed. ARGV: prefix, channel, now, now (unix), max attempts
-# (0: no limit), retention, dead max, then workers that hold no job now (their lists hold only
+# (0: no limit), retention, dead max, then slots that hold no job now (their lists hold only
 # strays: a BLMOVE whose reply was lost). Puts back at the head of the queue the unfinished jobs
-# of those workers and of every worker whose lease expired (which also leave the worker set),
-# failing those out of attempts; then moves retries that are due onto the queue.
+# of those slots and of every slot whose worker's lease expired (which also leave the set of
+# slots), failing those out of attempts; then moves retries that are due onto the queue. A slot
+# is named <worker>/<n>; the lease is the worker's.
 RECLAIM = ALLOW_OOM + LUA_PRELUDE + """
 local prefix, channel, now = ARGV[1], ARGV[2], ARGV[3]
 local max, moved = tonumber(ARGV[5]), 0
-local idle, lost = {}, {}
+local idle, lost, alive = {}, {}, {}
 for i = 8, #ARGV do idle[ARGV[i]] = true end
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if not idle[w] and redis.call('EXISTS', prefix .. ':lease:' .. w) == 0 then
-    lost[#lost + 1] = w
+  local owner = string.match(w, '^(.+)/%d+$') or w
+  if alive[owner] == nil then
+    alive[owner] = redis.call('EXISTS', prefix .. ':lease:' .. owner) == 1
   end
+  if not idle[w] and not alive[owner] then lost[#lost + 1] = w end
 end
 local function requeue(w)
   local processing = prefix .. ':processing:' .. w
@@ -226,10 +239,11 @@ end
 return {moved, #due}
 """
 
-# KEYS: lease, workers. ARGV: lease in ms, worker name. Renews the lease, and re-registers.
+# KEYS: lease, workers. ARGV: lease in ms, then the worker's slots. Renews the lease, and
+# (re-)registers the slots.
 LEASE = ALLOW_OOM + """
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[2], unpack(ARGV, 2))
 """
 
 
@@ -239,29 +253,56 @@ def redis_said(exc: redis.RedisError) -> str:
     return f"{code} {exc}" if code and not str(exc).startswith(code) else str(exc)
 
 
-class Backoff:
-    """Waits between tries of a Redis step while Redis is unreachable or refuses it: 0.1 s,
-    doubling up to REDIS_RETRY_CAP. Logs the first failure of a run of them, and the end."""
+class JobTimeout(Exception):
+    """Raised in a plain handler's thread when its try runs past --timeout."""
 
-    def __init__(self) -> None:
-        self.delay = 0.0
 
-    def wait(self, exc: redis.RedisError) -> None:
-        if not self.delay:
-            if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-                problem = f"redis unavailable ({exc})"
-            elif isinstance(exc, redis.exceptions.OutOfMemoryError):
-                problem = f"redis is full, taking no new job ({redis_said(exc)})"
-            else:
-                problem = f"redis refused a command ({redis_said(exc)})"
-            log.warning("%s; retrying every %gs at most", problem, REDIS_RETRY_CAP)
-        self.delay = min(self.delay * 2 or 0.1, REDIS_RETRY_CAP)
-        time.sleep(self.delay)
+def raise_in_thread(thread_id: int, exc: type[BaseException] | None) -> None:
+    """Raise exc in that thread at its next Python instruction (None: withdraw one pending).
+    A thread blocked inside C (a sleep, a socket read) sees it only once it is back."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               None if exc is None else ctypes.py_object(exc))
 
-    def done(self) -> None:
-        if self.delay:
-            log.info("redis works again")
-            self.delay = 0.0
+
+class Slot:
+    """One of a worker's places for a job. Its processing list holds the job it has taken and
+    nothing between jobs, so whatever is there then is a stray (a BLMOVE whose reply was lost).
+    While a handler runs, `job` and `deadline` say what and until when, and interrupt() asks it
+    to stop: an exception raised in its thread, or its task cancelled."""
+
+    def __init__(self, name: str, keys: Keys) -> None:
+        self.name = name  # <worker>/<n>: a member of the workers set
+        self.processing = keys.processing(name)
+        self.next_maintain = 0.0  # monotonic time of the next reclaim round (strays first)
+        self.lock = threading.Lock()  # the slot's runner and the keeper
+        self.job: Job | None = None
+        self.deadline = float("inf")
+        self.thread_id: int | None = None
+        self.task: asyncio.Task[str] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopped = threading.Event()  # its loop has ended
+
+    def idle(self) -> bool:
+        """True once it can take no job any more: its loop ended, or it holds one."""
+        return self.stopped.is_set() or self.job is not None
+
+    def begin(self, job: Job, timeout: float) -> None:
+        with self.lock:
+            self.job, self.deadline = job, time.monotonic() + timeout if timeout else float("inf")
+
+    def end(self) -> None:
+        """The handler is over: nothing can be raised into it any more."""
+        with self.lock:
+            self.job, self.deadline, self.task = None, float("inf"), None
+            if self.thread_id is not None:  # a timeout raised too late is withdrawn
+                raise_in_thread(self.thread_id, None)
+
+    def interrupt(self, exc: type[BaseException]) -> None:
+        """Call with the lock held and a job running."""
+        if self.task is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)
+        elif self.thread_id is not None:
+            raise_in_thread(self.thread_id, exc)
 
 
 def load_handler(spec: str) -> Handler:
@@ -279,13 +320,15 @@ def load_handler(spec: str) -> Handler:
 
 
 class Worker:
-    """One worker process: a loop of take, run, finish, with a lease kept alive throughout."""
+    """One worker process: N slots, each a loop of take, run, finish; one lease for all."""
 
     def __init__(
         self,
         redis_url: str,
         handler: Handler = upper,
         *,
+        concurrency: int = CONCURRENCY,
+        timeout: float = TIMEOUT,
         max_attempts: int = 3,
         lease: float = 30.0,
         grace: float = 10.0,
@@ -294,68 +337,78 @@ class Worker:
         prefix: str = PREFIX,
     ) -> None:
         self.handler = handler
+        self.is_async = inspect.iscoroutinefunction(handler)
+        self.timeout = timeout
         self.max_attempts = max_attempts
         self.lease = lease
         self.grace = grace
         self.backoff = backoff
         self.retention = retention
         self.keys = Keys(prefix)
+        self.redis_url = redis_url
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.redis = redis.Redis.from_url(
-            redis_url,
-            decode_responses=True,
-            client_name="jobs-worker",
-            socket_connect_timeout=2.0,
-            socket_timeout=BLOCK + 5.0,  # longer than the BLMOVE block
-            health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
-        )
+        self.slots = [Slot(f"{self.name}/{n}", self.keys) for n in range(concurrency)]
+        self.redis = redis.Redis.from_url(redis_url, **self.client_options())
         self._start = self.redis.register_script(START)
         self._finish_take = self.redis.register_script(WRITES + FINISH)
         self._finish = self.redis.register_script(ALLOW_OOM + FINISH)
         self._reclaim = self.redis.register_script(RECLAIM)
         self._lease = self.redis.register_script(LEASE)
         self.stopping = False  # the first signal: take no new job
-        self.cold = False  # the second: give the job back and exit now
+        self.cold = False  # the second: give the jobs back and exit now
+        self.troubled = False  # Redis unreachable or refusing: said once, until it works again
         self._stop_deadline = float("inf")  # monotonic time when the grace runs out
         self._wake = threading.Event()  # wakes the keeper thread early
-        self._next_maintain = 0.0
 
-    # -- signals -------------------------------------------------------------------------------
+    @staticmethod
+    def client_options() -> dict[str, Any]:
+        return {"decode_responses": True, "client_name": "jobs-worker",
+                "socket_connect_timeout": 2.0,
+                "socket_timeout": BLOCK + 5.0,  # longer than the BLMOVE block
+                "health_check_interval": 30,
+                "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 2)}
+
+    # -- signals and the keeper ----------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """Only set flags: the handler may be running on this (the main) thread, and the keeper
-        thread does what must happen even if the handler never returns."""
+        """Only set flags: the keeper thread does what must happen even if no handler returns."""
         if self.stopping:
             self.cold = True
         else:
-            log.info("%s: finishing the current job, then exiting (signal again to stop now)",
+            log.info("%s: finishing the jobs running, then exiting (signal again to stop now)",
                      signal.Signals(signum).name)
             self._stop_deadline = time.monotonic() + self.grace
             self.stopping = True
         self._wake.set()  # safe here: no other code of the main thread takes this Event's lock
 
     def keeper(self) -> None:
-        """Thread: renew the lease every --lease/3 s whatever the main thread is doing (a long
-        handler included); on a cold stop, give this worker's jobs back and exit the process."""
-        renewed = True
+        """Thread: renew the lease every --lease/3 s and time out tries past their deadline,
+        whatever the slots are doing; on a cold stop, give every slot's job back and exit."""
+        renewed, next_renewal = True, 0.0
         while not (self.cold or time.monotonic() >= self._stop_deadline):
-            try:
-                self.heartbeat()
-                renewed = True
-            except redis.RedisError as exc:
-                if renewed:  # once a run of failures: the main loop says what Redis does
-                    log.warning("cannot renew the lease (%s); retrying", redis_said(exc))
-                renewed = False
-            self._wake.wait(min(self.lease / 3, max(self._stop_deadline - time.monotonic(), 0)))
+            if time.monotonic() >= next_renewal:
+                try:
+                    self.heartbeat()
+                    renewed, next_renewal = True, time.monotonic() + self.lease / 3
+                except redis.RedisError as exc:
+                    if renewed:  # once a run of failures: the slots say what Redis does
+                        log.warning("cannot renew the lease (%s); retrying", redis_said(exc))
+                    renewed, next_renewal = False, time.monotonic() + TICK
+            self.time_out()
+            self._wake.wait(min(TICK, max(self._stop_deadline - time.monotonic(), 0)))
             self._wake.clear()
         if not self.cold:
             log.warning("grace of %.1fs ran out", self.grace)
         log.warning("stopping now: giving this worker's jobs back to the queue")
+        # Slots waiting for a job leave within BLOCK s (stopping is set); one that took a job
+        # after the jobs went back would hold it until the lease expires.
+        limit = time.monotonic() + BLOCK + 1.0
+        while not all(slot.idle() for slot in self.slots) and time.monotonic() < limit:
+            time.sleep(0.01)
         try:
-            self.reclaim(self.name, max_attempts=0)
-            # Not leaving the worker set: should a finish in flight on the main thread take one
-            # more job, any worker reclaims it once it sees the lease gone.
+            self.reclaim(*(slot.name for slot in self.slots), max_attempts=0)
+            # Not leaving the worker set: should a finish in flight in a slot take one more
+            # job, any worker reclaims it once it sees the lease gone.
             self.redis.delete(self.keys.lease(self.name))
         except redis.RedisError as exc:
             log.warning("could not give jobs back (%s); others will once the lease expires",
@@ -363,129 +416,315 @@ class Worker:
         logging.shutdown()
         os._exit(1)
 
+    def time_out(self) -> None:
+        """At a try's deadline, interrupt it; if it is still running one TICK later (a plain
+        handler blocked inside C, or an async one that blocks the event loop), record it as
+        timed out all the same: its late result will find the job gone from its list."""
+        for slot in self.slots:
+            with slot.lock:
+                job, late = slot.job, time.monotonic() - slot.deadline
+                if job is None or late < 0:
+                    continue
+                if late < TICK:
+                    slot.interrupt(JobTimeout)
+                    continue
+                slot.deadline = float("inf")
+            try:
+                self.finish(slot, job, *self.outcome(job, False, self.timed_out), take_next=False)
+            except redis.RedisError:
+                with slot.lock:
+                    if slot.job is job:
+                        slot.deadline = 0.0  # next tick
+                continue
+            log.warning("job %s: %s, and still running; its result will be dropped",
+                        job.id, self.timed_out)
+
+    @property
+    def timed_out(self) -> str:
+        return f"timed out after {self.timeout:g} s"
+
     # -- Redis steps ---------------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        """Renew the lease (and re-register, in case this worker was presumed dead)."""
+        """Renew the lease (and re-register the slots, in case the worker was presumed dead)."""
         self._lease(keys=[self.keys.lease(self.name), self.keys.workers],
-                    args=[int(self.lease * 1000), self.name])
+                    args=[int(self.lease * 1000), *(slot.name for slot in self.slots)])
 
     def reclaim(self, *idle: str, max_attempts: int | None = None) -> tuple[int, int]:
-        """Requeue what the idle workers named hold (strays) and the jobs of workers whose
-        lease expired; move due retries onto the queue. Returns (jobs requeued, retries moved)."""
+        """Requeue what the idle slots named hold (strays) and the jobs of workers whose lease
+        expired; move due retries onto the queue. Returns (jobs requeued, retries moved)."""
+        moved, due = self._reclaim(keys=self.reclaim_keys(),
+                                   args=self.reclaim_args(idle, max_attempts))
+        return self.reclaimed(moved, due)
+
+    def reclaim_keys(self) -> list[str]:
         k = self.keys
-        moved, due = self._reclaim(
-            keys=[k.queue, k.workers, k.dead, k.delayed],
-            args=[k.prefix, k.events, now(), time.time(),
-                  self.max_attempts if max_attempts is None else max_attempts,
-                  self.retention, DEAD_MAX, *idle],
-        )
+        return [k.queue, k.workers, k.dead, k.delayed]
+
+    def reclaim_args(self, idle: tuple[str, ...], max_attempts: int | None) -> list[str | float]:
+        k = self.keys
+        return [k.prefix, k.events, now(), time.time(),
+                self.max_attempts if max_attempts is None else max_attempts, self.retention,
+                DEAD_MAX, *idle]
+
+    @staticmethod
+    def reclaimed(moved: int, due: int) -> tuple[int, int]:
         if moved:
             log.warning("requeued %d job(s) of stopped worker(s) or stray(s)", moved)
-        self._next_maintain = time.monotonic() + MAINTAIN_EVERY
         return int(moved), int(due)
 
-    def take(self) -> Job | None:
-        """Block up to BLOCK seconds for a job; return it once it is running."""
-        processing = self.keys.processing(self.name)
-        taken = self.redis.blmove(self.keys.queue, processing, BLOCK, "RIGHT", "LEFT")
+    def take(self, slot: Slot) -> Job | None:
+        """Block up to BLOCK seconds for a job for the slot; return it once it is running."""
+        taken = self.redis.blmove(self.keys.queue, slot.processing, BLOCK, "RIGHT", "LEFT")
         if taken is None:
             return None
-        started = self._start(keys=[processing],
-                              args=[self.keys.prefix, taken, now(), self.keys.events])
-        return Job.started(started)
+        return Job.started(self._start(keys=[slot.processing], args=self.start_args(taken)))
 
-    def finish(self, job_id: str, outcome: str, result: str = "", error: str = "",
-               due: float = 0.0) -> Job | None:
-        """Record done/failed/retry atomically, and take the next job in the same round trip
-        unless the worker is stopping, maintenance is due (it runs with no job held) or Redis is
-        full. A result is dropped if the job was reclaimed meanwhile."""
-        k = self.keys
-        keys = [k.job(job_id), k.processing(self.name), k.dead, k.delayed, k.queue]
+    def start_args(self, taken: bytes | str) -> list[bytes | str]:
+        return [self.keys.prefix, taken, now(), self.keys.events]
 
-        def args(take_next: bool) -> list[str | int | float]:
-            return [job_id, outcome, result, error, now(), k.events, self.retention, due,
-                    DEAD_MAX, k.prefix, int(take_next)]
-
-        chain = not self.stopping and time.monotonic() < self._next_maintain
+    def finish(self, slot: Slot, job: Job, outcome: str, result: str = "", error: str = "",
+               due: float = 0.0, *, take_next: bool = True) -> Job | None:
+        """Record done/failed/retry atomically, and take the slot's next job in the same round
+        trip unless the worker is stopping, the slot's reclaim round is due (it runs with no
+        job held) or Redis is full. A result is dropped if the job is no longer the slot's
+        (reclaimed, or timed out by the keeper)."""
+        keys, args = self.finish_call(slot, job, outcome, result, error, due)
+        chain = take_next and self.may_chain(slot)
         try:
             held, taken = (self._finish_take if chain else self._finish)(keys=keys,
                                                                           args=args(chain))
         except redis.exceptions.OutOfMemoryError:  # refused before it ran: finish alone
             held, taken = self._finish(keys=keys, args=args(False))
+        return self.finished(job, held, taken)
+
+    def finish_call(self, slot: Slot, job: Job, outcome: str, result: str, error: str,
+                    due: float) -> tuple[list[str], Callable[[bool], list[str | int | float]]]:
+        k = self.keys
+        keys = [k.job(job.id), slot.processing, k.dead, k.delayed, k.queue]
+
+        def args(take_next: bool) -> list[str | int | float]:
+            return [job.id, outcome, result, error, now(), k.events, self.retention, due,
+                    DEAD_MAX, k.prefix, int(take_next)]
+        return keys, args
+
+    def may_chain(self, slot: Slot) -> bool:
+        return not self.stopping and time.monotonic() < slot.next_maintain
+
+    @staticmethod
+    def finished(job: Job, held: int, taken: list[str] | None) -> Job | None:
         if not held:
-            log.warning("job %s was reclaimed while this worker ran it; dropping this result",
-                        job_id)
+            log.warning("job %s: this try was no longer the slot's (reclaimed, or timed out); "
+                        "dropping its result", job.id)
         return Job.started(taken)
+
+    def retry_delay(self, exc: redis.RedisError, delay: float) -> float:
+        """The next wait of a slot retrying a Redis step: 0.1 s, doubling up to
+        REDIS_RETRY_CAP. The first failure of a run of them, in any slot, is said in one line."""
+        if not self.troubled:
+            self.troubled = True
+            if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                problem = f"redis unavailable ({exc})"
+            elif isinstance(exc, redis.exceptions.OutOfMemoryError):
+                problem = f"redis is full, taking no new job ({redis_said(exc)})"
+            else:
+                problem = f"redis refused a command ({redis_said(exc)})"
+            log.warning("%s; retrying every %gs at most", problem, REDIS_RETRY_CAP)
+        return min(delay * 2 or 0.1, REDIS_RETRY_CAP)
+
+    def redis_works(self) -> None:
+        if self.troubled:
+            self.troubled = False
+            log.info("redis works again")
 
     # -- running a job -------------------------------------------------------------------------
 
-    def run_handler(self, text: str) -> tuple[bool, str]:
-        """Call the handler on this thread: (True, result) or (False, error)."""
+    def outcome(self, job: Job, ok: bool, value: str) -> tuple[str, str, str, float]:
+        """(outcome, result, error, due) of a try, as finish() takes them, and the log line."""
+        if ok:
+            log.info("job %s: done", job.id)
+            return "done", value, "", 0.0
+        if job.attempt < self.max_attempts:
+            delay = self.backoff * 2 ** (job.attempt - 1) * random.uniform(0.8, 1.2)
+            log.warning("job %s: %s; retrying in %.1fs", job.id, value, delay)
+            return "retry", "", value, time.time() + delay
+        log.error("job %s: failed after %d attempts: %s", job.id, job.attempt, value)
+        return "failed", "", value, 0.0
+
+    @staticmethod
+    def checked(result: object) -> str:
+        if not isinstance(result, str):
+            raise TypeError(f"handler returned {type(result).__name__}, not str")
+        return result
+
+    def run_handler(self, slot: Slot, job: Job) -> tuple[bool, str]:
+        """Call a plain handler on this (the slot's) thread: (True, result) or (False, error)."""
+        slot.begin(job, self.timeout)
         try:
-            result = self.handler(text)
-            if not isinstance(result, str):
-                raise TypeError(f"handler returned {type(result).__name__}, not str")
-            return True, result
+            return True, self.checked(self.handler(job.input))
+        except JobTimeout:
+            return False, self.timed_out
         except Exception as exc:  # the handler's failure is the job's, not the worker's
             return False, f"{type(exc).__name__}: {exc}"
+        finally:
+            slot.end()
 
     def until_recorded(self, step: Callable[[], T]) -> T:
         """Run a Redis step until Redis takes it: a result is never dropped for an outage or
         a refusal."""
-        backoff = Backoff()
+        delay = 0.0
         while True:
             try:
                 result = step()
-                backoff.done()
+                self.redis_works()
                 return result
             except redis.RedisError as exc:
-                # A reply may have been lost with a job taken in it: take none until the next
-                # maintenance, which runs with no job held and puts such strays back.
-                self._next_maintain = 0.0
-                backoff.wait(exc)
+                delay = self.retry_delay(exc, delay)
+                time.sleep(delay)
 
-    def process(self, job: Job) -> Job | None:
-        """Run one job to its outcome; return the next one if finishing took it."""
-        job_id, attempt = job.id, job.attempt
-        log.debug("job %s: running (attempt %d)", job_id, attempt)
-        ok, value = self.run_handler(job.input)
-        if ok:
-            taken = self.until_recorded(lambda: self.finish(job_id, "done", result=value))
-            log.info("job %s: done", job_id)
-        elif attempt < self.max_attempts:
-            delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
-            taken = self.until_recorded(lambda: self.finish(job_id, "retry", error=value,
-                                                            due=time.time() + delay))
-            log.warning("job %s: %s; retrying in %.1fs", job_id, value, delay)
-        else:
-            taken = self.until_recorded(lambda: self.finish(job_id, "failed", error=value))
-            log.error("job %s: failed after %d attempts: %s", job_id, attempt, value)
-        return taken
+    def process(self, slot: Slot, job: Job) -> Job | None:
+        """Run one job to its outcome; return the slot's next one if finishing took it."""
+        outcome = self.outcome(job, *self.run_handler(slot, job))
+        return self.until_recorded(lambda: self.finish(slot, job, *outcome))
 
-    def step(self) -> None:
-        """One turn of the loop: tidy up while holding no job, then take jobs and run them back
-        to back for as long as finishing one takes the next."""
-        if time.monotonic() >= self._next_maintain:
-            self.reclaim(self.name)  # holding no job, anything in our own list is a stray
-        job = self.take()
-        while job is not None:
-            job = self.process(job)
+    def work(self, slot: Slot) -> None:
+        """Thread: the slot's loop, until the worker stops. Between jobs, its reclaim round when
+        due; then take jobs and run them back to back for as long as finishing one takes the
+        next."""
+        slot.thread_id = threading.get_ident()
+        try:
+            self.work_until_stopped(slot)
+        finally:
+            slot.stopped.set()
+
+    def work_until_stopped(self, slot: Slot) -> None:
+        delay = 0.0
+        while not self.stopping:
+            try:
+                if time.monotonic() >= slot.next_maintain:
+                    self.reclaim(slot.name)  # holding no job: anything in its list is a stray
+                    slot.next_maintain = time.monotonic() + MAINTAIN_EVERY
+                job = self.take(slot)
+                while job is not None:
+                    job = self.process(slot, job)
+                self.redis_works()
+                delay = 0.0
+            except redis.RedisError as exc:  # unreachable, or refusing: full, READONLY, ...
+                slot.next_maintain = 0.0  # a job taken but not started is put back first
+                delay = self.retry_delay(exc, delay)
+                time.sleep(delay)
+            except JobTimeout:  # raised as the handler returned: recorded, or a stray
+                slot.next_maintain = 0.0
+
+    # -- async handlers: the same loop, as tasks on one event loop -----------------------------
+
+    async def work_async(self, slot: Slot, client: redis.asyncio.Redis) -> None:
+        """Task: work() for an async handler, with the asyncio client."""
+        slot.loop = asyncio.get_running_loop()
+        try:
+            await self.work_async_until_stopped(slot, client)
+        finally:
+            slot.stopped.set()
+
+    async def work_async_until_stopped(self, slot: Slot, client: redis.asyncio.Redis) -> None:
+        start = client.register_script(START)
+        finish_take = client.register_script(WRITES + FINISH)
+        finish = client.register_script(ALLOW_OOM + FINISH)
+        reclaim = client.register_script(RECLAIM)
+
+        async def take() -> Job | None:
+            taken = await client.blmove(self.keys.queue, slot.processing, BLOCK, "RIGHT", "LEFT")
+            if taken is None:
+                return None
+            return Job.started(await start(keys=[slot.processing], args=self.start_args(taken)))
+
+        async def record(job: Job, outcome: tuple[str, str, str, float]) -> Job | None:
+            keys, args = self.finish_call(slot, job, *outcome)
+            chain = self.may_chain(slot)
+            try:
+                held, taken = await (finish_take if chain else finish)(keys=keys,
+                                                                       args=args(chain))
+            except redis.exceptions.OutOfMemoryError:
+                held, taken = await finish(keys=keys, args=args(False))
+            return self.finished(job, held, taken)
+
+        async def until_recorded(job: Job, outcome: tuple[str, str, str, float]) -> Job | None:
+            delay = 0.0
+            while True:
+                try:
+                    taken = await record(job, outcome)
+                    self.redis_works()
+                    return taken
+                except redis.RedisError as exc:
+                    delay = self.retry_delay(exc, delay)
+                    await asyncio.sleep(delay)
+
+        delay = 0.0
+        while not self.stopping:
+            try:
+                if time.monotonic() >= slot.next_maintain:
+                    self.reclaimed(*await reclaim(keys=self.reclaim_keys(),
+                                                  args=self.reclaim_args((slot.name,), None)))
+                    slot.next_maintain = time.monotonic() + MAINTAIN_EVERY
+                job = await take()
+                while job is not None:
+                    outcome = self.outcome(job, *await self.run_async_handler(slot, job))
+                    job = await until_recorded(job, outcome)
+                self.redis_works()
+                delay = 0.0
+            except redis.RedisError as exc:
+                slot.next_maintain = 0.0
+                delay = self.retry_delay(exc, delay)
+                await asyncio.sleep(delay)
+
+    async def run_async_handler(self, slot: Slot, job: Job) -> tuple[bool, str]:
+        """Run an async handler as a task of its own (so it can be cancelled), up to the
+        timeout: (True, result) or (False, error)."""
+        task = asyncio.create_task(cast(Coroutine[Any, Any, str], self.handler(job.input)))
+        slot.begin(job, self.timeout)
+        slot.task = task
+        try:
+            async with asyncio.timeout(self.timeout or None) as limit:
+                return True, self.checked(await task)
+        except TimeoutError:
+            if limit.expired():
+                return False, self.timed_out
+            return False, "TimeoutError: " + str(task.exception() or "")
+        except asyncio.CancelledError:
+            if task.cancelled() and not self.cold:  # the keeper cancelled the try
+                return False, self.timed_out
+            raise
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        finally:
+            slot.end()
+
+    async def run_slots_async(self) -> None:
+        client = redis.asyncio.Redis.from_url(self.redis_url, **self.client_options())
+        try:
+            await asyncio.gather(*(self.work_async(slot, client) for slot in self.slots))
+        finally:
+            await client.aclose()
+
+    # -- the process ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Work until the first signal, then return 0 (a cold stop exits from the keeper)."""
+        """Work until the first signal, then return 0 once the slots are idle (a cold stop
+        exits from the keeper)."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         threading.Thread(target=self.keeper, name="keeper", daemon=True).start()
-        log.info("worker %s: waiting for jobs on %s", self.name, self.keys.queue)
-        backoff = Backoff()
-        while not self.stopping:
-            try:
-                self.step()
-                backoff.done()
-            except redis.RedisError as exc:  # unreachable, or refusing: full, READONLY, ...
-                self._next_maintain = 0.0  # a job taken but not started is put back first
-                backoff.wait(exc)
+        log.info("worker %s: waiting for jobs on %s, %d at a time (%s handler)", self.name,
+                 self.keys.queue, len(self.slots), "async" if self.is_async else "plain")
+        if self.is_async:
+            asyncio.run(self.run_slots_async())
+        else:
+            threads = [threading.Thread(target=self.work, args=(slot,), name=slot.name,
+                                        daemon=True) for slot in self.slots]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         self.close()
         log.info("worker %s: stopped", self.name)
         return 0
@@ -494,8 +733,8 @@ class Worker:
         """Leave the worker set (holding no job)."""
         try:
             with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self.keys.lease(self.name), self.keys.processing(self.name))
-                pipe.srem(self.keys.workers, self.name)
+                pipe.delete(self.keys.lease(self.name), *(slot.processing for slot in self.slots))
+                pipe.srem(self.keys.workers, *(slot.name for slot in self.slots))
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not deregister (%s); the lease will expire in %.0fs",
@@ -511,13 +750,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handler", default=env("JOB_HANDLER", ""),
                         help="MODULE:FUNCTION taking the input str, returning the result str "
                              "(env JOB_HANDLER; default: upper-case the input)")
+    parser.add_argument("--concurrency", type=int,
+                        default=int(env("WORKER_CONCURRENCY", str(CONCURRENCY))),
+                        help="jobs run at once: threads for a plain handler, tasks on one event "
+                             "loop for an async one (env WORKER_CONCURRENCY; default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=float(env("JOB_TIMEOUT", str(TIMEOUT))),
+                        help="seconds a try may run before it is interrupted and counted as "
+                             "failed; 0: no limit (env JOB_TIMEOUT; default %(default)g)")
     parser.add_argument("--max-attempts", type=int, default=3,
                         help="tries before a job is failed (default %(default)s)")
     parser.add_argument("--lease", type=float, default=30.0,
                         help="seconds without a heartbeat before this worker's jobs are given "
                              "to others (default %(default)s)")
     parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds a stop waits for the current job (default %(default)s)")
+                        help="seconds a stop waits for the jobs running (default %(default)s)")
     parser.add_argument("--backoff", type=float, default=1.0,
                         help="seconds before the first retry, doubling after (default %(default)s)")
     parser.add_argument("--retention", type=int, default=int(env("JOBS_RETENTION", RETENTION)),
@@ -526,14 +772,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default=env("JOBS_PREFIX", PREFIX),
                         help="key prefix of this deployment (env JOBS_PREFIX; default %(default)s)")
     args = parser.parse_args(argv)
-    if args.max_attempts < 1 or args.lease <= BLOCK * 2 or args.grace < 0 or args.backoff < 0:
-        parser.error(f"need --max-attempts >= 1, --lease > {BLOCK * 2:g}, "
-                     "--grace >= 0, --backoff >= 0")
+    if args.max_attempts < 1 or args.lease <= BLOCK * 2 or args.grace < 0 or args.backoff < 0 \
+            or args.concurrency < 1 or args.timeout < 0:
+        parser.error(f"need --max-attempts >= 1, --lease > {BLOCK * 2:g}, --grace >= 0, "
+                     "--backoff >= 0, --concurrency >= 1, --timeout >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(message)s")
     handler = load_handler(args.handler) if args.handler else upper
-    worker = Worker(args.redis_url, handler, max_attempts=args.max_attempts, lease=args.lease,
-                    grace=args.grace, backoff=args.backoff, retention=args.retention,
-                    prefix=args.prefix)
+    worker = Worker(args.redis_url, handler, concurrency=args.concurrency, timeout=args.timeout,
+                    max_attempts=args.max_attempts, lease=args.lease, grace=args.grace,
+                    backoff=args.backoff, retention=args.retention, prefix=args.prefix)
     return worker.run()
 
 

@@ -1,5 +1,6 @@
 """Handlers the tests load into worker processes with --handler handlers:NAME."""
 
+import asyncio
 import contextlib
 import os
 import time
@@ -37,3 +38,17 @@ def gate(path: str) -> str:
     while not os.path.exists(path):
         time.sleep(0.01)
     return "through"
+
+
+def spin(text: str) -> str:
+    """Compute for the number of seconds given as input: pure Python, so interruptible."""
+    end = time.monotonic() + float(text)
+    while time.monotonic() < end:
+        pass
+    return text
+
+
+async def asleep(text: str) -> str:
+    """The async twin of slow: await for the number of seconds given as input."""
+    await asyncio.sleep(float(text))
+    return text

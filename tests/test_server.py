@@ -52,9 +52,10 @@ async def submit(client: Client, text: str = "hello world") -> dict[str, Any]:
 
 async def work_one(worker: Worker) -> None:
     """Take the next job and run it to its outcome, as the worker's loop would."""
-    job = await asyncio.to_thread(worker.take)
+    slot = worker.slots[0]
+    job = await asyncio.to_thread(worker.take, slot)
     assert job is not None
-    await asyncio.to_thread(worker.process, job)
+    await asyncio.to_thread(worker.process, slot, job)
 
 
 async def assert_error(response: aiohttp.ClientResponse, status: int, words: str) -> None:

@@ -3,10 +3,13 @@ killed."""
 
 from __future__ import annotations
 
+import collections
+import json
 import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -16,10 +19,11 @@ from worker import RETENTION, Keys, Worker
 
 
 def run_next(worker: Worker) -> str:
-    """Take the next job and run it to its outcome; return its id."""
-    taken = worker.take()
+    """Take the next job into the first slot and run it to its outcome; return its id."""
+    taken = worker.take(worker.slots[0])
     assert taken is not None, "no job was waiting"
-    assert worker.process(taken) is None  # nothing chained: heartbeat and maintenance are due
+    # nothing chained: the slot's reclaim round is due
+    assert worker.process(worker.slots[0], taken) is None
     return taken.id
 
 
@@ -38,7 +42,7 @@ def test_done_job_has_its_result_and_expires(r: redis.Redis, redis_url: str,
     assert (stored["status"], stored["result"], stored["attempts"]) == ("done", "HELLO WORLD", "1")
     keys = Keys(prefix)
     assert 0 < r.ttl(keys.job(job_id)) <= RETENTION
-    assert r.llen(keys.processing(worker.name)) == 0
+    assert r.llen(worker.slots[0].processing) == 0
     assert r.llen(keys.queue) == 0
 
 
@@ -47,14 +51,15 @@ def test_finishing_a_job_takes_the_next_in_the_same_call(r: redis.Redis, redis_u
     worker = Worker(redis_url, prefix=prefix)
     first, second = enqueue(r, prefix, "one"), enqueue(r, prefix, "two")
     worker.heartbeat()
-    worker.reclaim()  # neither a heartbeat nor maintenance is due now: chaining is allowed
-    taken = worker.take()
+    slot = worker.slots[0]
+    slot.next_maintain = time.monotonic() + 60  # its reclaim round is not due: chaining is on
+    taken = worker.take(slot)
     assert taken is not None and taken.id == first
-    chained = worker.process(taken)
+    chained = worker.process(slot, taken)
     assert chained is not None and (chained.id, chained.input) == (second, "two")
     assert status_of(r, prefix, second) == "running"
-    assert r.lrange(Keys(prefix).processing(worker.name), 0, -1) == [second]
-    assert worker.process(chained) is None  # the queue is empty
+    assert r.lrange(slot.processing, 0, -1) == [second]
+    assert worker.process(slot, chained) is None  # the queue is empty
     assert [job(r, prefix, i)["result"] for i in (first, second)] == ["ONE", "TWO"]
 
 
@@ -130,7 +135,7 @@ def test_jobs_of_a_lost_worker_are_requeued_and_its_late_result_dropped(
     job_id = enqueue(r, prefix, "hello")
     lost.heartbeat()
     alive.heartbeat()
-    taken = lost.take()
+    taken = lost.take(lost.slots[3])
     assert taken is not None
     assert alive.reclaim() == (0, 0)  # the lease is alive: nothing to reclaim
     lose(lost)
@@ -139,10 +144,10 @@ def test_jobs_of_a_lost_worker_are_requeued_and_its_late_result_dropped(
     assert (stored["status"], stored["attempts"]) == ("queued", "1")
     assert "stopped before finishing" in stored["error"]
     assert r.lrange(keys.queue, 0, -1) == [job_id]
-    assert not r.exists(keys.processing(lost.name))
-    assert not r.sismember(keys.workers, lost.name)
+    assert not r.exists(lost.slots[3].processing)
+    assert not r.smembers(keys.workers) & {slot.name for slot in lost.slots}
     assert run_next(alive) == job_id
-    lost.finish(job_id, "done", result="LATE")  # the lost worker comes back: dropped
+    lost.finish(lost.slots[3], taken, "done", result="LATE")  # it comes back: dropped
     stored = job(r, prefix, job_id)
     assert (stored["status"], stored["result"], stored["attempts"]) == ("done", "HELLO", "2")
 
@@ -152,7 +157,7 @@ def test_a_job_that_loses_its_worker_on_the_last_attempt_fails(
     lost, alive = (Worker(redis_url, prefix=prefix, max_attempts=1) for _ in range(2))
     job_id = enqueue(r, prefix, "poison")
     lost.heartbeat()
-    assert lost.take() is not None
+    assert lost.take(lost.slots[0]) is not None
     lose(lost)
     alive.reclaim()
     stored = job(r, prefix, job_id)
@@ -165,9 +170,9 @@ def test_a_duplicate_queue_entry_runs_once(r: redis.Redis, redis_url: str, prefi
     job_id = enqueue(r, prefix, "once")
     r.lpush(Keys(prefix).queue, job_id)
     run_next(worker)
-    assert worker.take() is None  # the second entry is dropped, not run
+    assert worker.take(worker.slots[0]) is None  # the second entry is dropped, not run
     assert job(r, prefix, job_id)["attempts"] == "1"
-    assert r.llen(Keys(prefix).processing(worker.name)) == 0
+    assert r.llen(worker.slots[0].processing) == 0
 
 
 # -- real processes ------------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def test_cold_stop_gives_the_job_back(procs: Procs, r: redis.Redis, prefix: str,
     wait_until(lambda: status_of(r, prefix, job_id) == "running", what="job to start")
     worker.send_signal(signal.SIGINT)
     if how == "second signal":
-        wait_until(lambda: "finishing the current job" in procs.log(worker))
+        wait_until(lambda: "finishing the jobs running" in procs.log(worker))
         worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=20) == 1
     keys = Keys(prefix)
@@ -249,3 +254,99 @@ def test_a_job_stranded_with_a_live_worker_is_run(procs: Procs, r: redis.Redis,
     r.lpush(keys.processing(str(name)), job_id)  # as if the worker's BLMOVE had put it there
     wait_until(lambda: status_of(r, prefix, job_id) == "done", timeout=20, what="the job to run")
     assert job(r, prefix, job_id)["result"] == "STRANDED"
+
+
+# -- many jobs in flight -------------------------------------------------------------------------
+
+def done_events(r: redis.Redis, prefix: str) -> Any:
+    """A subscription to the job events, confirmed before anything is published."""
+    pubsub = r.pubsub()
+    pubsub.subscribe(Keys(prefix).events)
+    assert wait_until(lambda: pubsub.get_message(timeout=1))["type"] == "subscribe"
+    return pubsub
+
+
+def count_done(pubsub: Any) -> collections.Counter[str]:
+    done: collections.Counter[str] = collections.Counter()
+    while (message := pubsub.get_message(timeout=0.5)) is not None:
+        event = json.loads(message["data"])
+        if event["status"] == "done":
+            done[event["id"]] += 1
+    return done
+
+
+@pytest.mark.parametrize("handler", ["handlers:slow", "handlers:asleep"])
+def test_ten_jobs_of_a_sigkilled_worker_are_each_done_once_by_another(
+        procs: Procs, r: redis.Redis, prefix: str, handler: str) -> None:
+    pubsub = done_events(r, prefix)
+    ids = [enqueue(r, prefix, "2") for _ in range(10)]
+    victim = procs.worker("--handler", handler, "--concurrency", "10")
+    wait_until(lambda: all(status_of(r, prefix, i) == "running" for i in ids), what="10 running")
+    keys = Keys(prefix)
+    assert len(list(r.scan_iter(match=f"{prefix}:lease:*"))) == 1  # one lease for all ten
+    assert r.scard(keys.workers) == 10  # one slot each
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    procs.worker("--handler", handler, "--concurrency", "10")
+    wait_until(lambda: all(status_of(r, prefix, i) == "done" for i in ids), timeout=30)
+    assert count_done(pubsub) == dict.fromkeys(ids, 1)
+    assert [job(r, prefix, i)["attempts"] for i in ids] == ["2"] * 10
+    pubsub.close()
+
+
+@pytest.mark.parametrize("handler", ["handlers:slow", "handlers:asleep"])
+def test_a_warm_stop_finishes_every_job_in_flight(procs: Procs, r: redis.Redis, prefix: str,
+                                                  handler: str) -> None:
+    ids = [enqueue(r, prefix, "1") for _ in range(10)]
+    worker = procs.worker("--handler", handler, "--concurrency", "10")
+    wait_until(lambda: all(status_of(r, prefix, i) == "running" for i in ids), what="10 running")
+    queued = enqueue(r, prefix, "1")  # waits: every slot is busy
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+    assert [status_of(r, prefix, i) for i in ids] == ["done"] * 10
+    assert status_of(r, prefix, queued) == "queued"
+    assert not r.smembers(Keys(prefix).workers)
+    assert not processing_keys(r, prefix)
+
+
+@pytest.mark.parametrize("handler", ["handlers:slow", "handlers:asleep"])
+def test_a_cold_stop_gives_every_job_in_flight_back(procs: Procs, r: redis.Redis, prefix: str,
+                                                    handler: str) -> None:
+    ids = [enqueue(r, prefix, "60") for _ in range(10)]
+    worker = procs.worker("--handler", handler, "--concurrency", "10", "--grace", "0.5")
+    wait_until(lambda: all(status_of(r, prefix, i) == "running" for i in ids), what="10 running")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 1
+    assert [status_of(r, prefix, i) for i in ids] == ["queued"] * 10
+    assert sorted(r.lrange(Keys(prefix).queue, 0, -1)) == sorted(ids)
+    assert not processing_keys(r, prefix)
+
+
+# -- time limits ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("handler", "how"), [
+    ("handlers:spin", "raised in its thread"),
+    ("handlers:slow", "blocked in C: recorded all the same"),
+    ("handlers:asleep", "cancelled"),
+])
+def test_a_try_past_the_timeout_is_retried_then_failed(procs: Procs, r: redis.Redis, prefix: str,
+                                                       handler: str, how: str) -> None:
+    job_id = enqueue(r, prefix, "30")
+    quick = enqueue(r, prefix, "0")  # a slot stays free for other jobs
+    worker = procs.worker("--handler", handler, "--concurrency", "2", "--timeout", "0.5",
+                          "--max-attempts", "2")
+    wait_until(lambda: status_of(r, prefix, job_id) == "failed", timeout=20, what=how)
+    stored = job(r, prefix, job_id)
+    assert (stored["error"], stored["attempts"]) == ("timed out after 0.5 s", "2")
+    assert status_of(r, prefix, quick) == "done"
+    assert worker.poll() is None
+
+
+def test_a_late_result_of_a_timed_out_try_is_dropped(procs: Procs, r: redis.Redis,
+                                                     prefix: str) -> None:
+    job_id = enqueue(r, prefix, "2")  # time.sleep: Python cannot interrupt it
+    worker = procs.worker("--handler", "handlers:slow", "--timeout", "0.5", "--max-attempts", "1")
+    wait_until(lambda: status_of(r, prefix, job_id) == "failed", what="the timeout")
+    wait_until(lambda: "dropping its result" in procs.log(worker), what="the late result")
+    stored = job(r, prefix, job_id)
+    assert (stored["status"], stored["result"]) == ("failed", "")
