@@ -26,6 +26,7 @@ import ctypes
 import importlib
 import inspect
 import logging
+import math
 import os
 import random
 import signal
@@ -42,6 +43,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 import redis
 import redis.asyncio
 from redis.backoff import ExponentialBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
 
 log = logging.getLogger("worker")
@@ -58,6 +60,7 @@ TIMEOUT = 300.0  # seconds a try may run
 TICK = 0.25  # seconds between the keeper's looks at the slots' deadlines
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 Handler = Callable[[str], str] | Callable[[str], Awaitable[str]]
 
 
@@ -305,18 +308,72 @@ class Slot:
             raise_in_thread(self.thread_id, exc)
 
 
+# -- settings: argparse types, also applied to environment variables (see from_env) ----------
+
+def number(kind: type[N], low: N, high: N | None = None, *,
+           above: bool = False) -> Callable[[str], N]:
+    """An argparse type: text to a finite int or float, at least low (more than low if above),
+    at most high."""
+    what = "a whole number" if kind is int else "a number"
+    limits = (f"{low:g} to {high:g}" if high is not None
+              else f"more than {low:g}" if above else f"at least {low:g}")
+
+    def convert(text: str) -> N:
+        try:
+            value = kind(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (above and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({limits})")
+        return value
+
+    return convert
+
+
+def redis_url(text: str) -> str:
+    """An argparse type: a URL redis-py accepts (redis://, rediss://, unix://)."""
+    try:
+        parse_url(text)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def non_empty(text: str) -> str:
+    """An argparse type: any text but none."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def load_handler(spec: str) -> Handler:
-    """Import MODULE:FUNCTION, or explain in one line why it cannot be."""
+    """An argparse type: import MODULE:FUNCTION, or say in one line why it cannot be."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise SystemExit(f"worker: --handler must look like MODULE:FUNCTION, not {spec!r}")
+        raise argparse.ArgumentTypeError(f"must look like MODULE:FUNCTION, not {spec!r}")
     try:
         handler = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"worker: cannot load handler {spec!r}: {exc}") from None
+        raise argparse.ArgumentTypeError(f"cannot load handler {spec!r}: {exc}") from None
     if not callable(handler):
-        raise SystemExit(f"worker: handler {spec!r} is not callable")
+        raise argparse.ArgumentTypeError(f"handler {spec!r} is not callable")
     return handler  # type: ignore[no-any-return]
+
+
+def from_env(parser: argparse.ArgumentParser, name: str, kind: Callable[[str], T],
+             default: T) -> T:
+    """A flag's default: environment variable NAME converted by the flag's type, or default if
+    it is unset. Checked now, so a bad variable is an error even when the flag is given."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except argparse.ArgumentTypeError as exc:
+        # parser.exit, not parser.error: the parser is still being built, its usage line partial
+        parser.exit(2, f"{parser.prog}: error: environment variable {name}={text!r}: {exc}\n")
 
 
 class Worker:
@@ -743,44 +800,50 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--redis-url", default=env("REDIS_URL", "redis://localhost:6379/0"),
+    whole, seconds = number(int, 1), number(float, 0)
+    parser.add_argument("--redis-url", type=redis_url,
+                        default=from_env(parser, "REDIS_URL", redis_url, "redis://localhost:6379/0"),
                         help="Redis to work against (env REDIS_URL; default %(default)s)")
-    parser.add_argument("--handler", default=env("JOB_HANDLER", ""),
+    parser.add_argument("--handler", type=load_handler,
+                        default=from_env(parser, "JOB_HANDLER", load_handler, None),
                         help="MODULE:FUNCTION taking the input str, returning the result str "
                              "(env JOB_HANDLER; default: upper-case the input)")
-    parser.add_argument("--concurrency", type=int,
-                        default=int(env("WORKER_CONCURRENCY", str(CONCURRENCY))),
+    parser.add_argument("--concurrency", type=whole,
+                        default=from_env(parser, "WORKER_CONCURRENCY", whole, CONCURRENCY),
                         help="jobs run at once: threads for a plain handler, tasks on one event "
                              "loop for an async one (env WORKER_CONCURRENCY; default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=float(env("JOB_TIMEOUT", str(TIMEOUT))),
+    parser.add_argument("--timeout", type=seconds,
+                        default=from_env(parser, "JOB_TIMEOUT", seconds, TIMEOUT),
                         help="seconds a try may run before it is interrupted and counted as "
                              "failed; 0: no limit (env JOB_TIMEOUT; default %(default)g)")
-    parser.add_argument("--max-attempts", type=int, default=3,
+    parser.add_argument("--max-attempts", type=whole, default=3,
                         help="tries before a job is failed (default %(default)s)")
-    parser.add_argument("--lease", type=float, default=30.0,
+    parser.add_argument("--lease", type=number(float, BLOCK * 2, above=True), default=30.0,
                         help="seconds without a heartbeat before this worker's jobs are given "
                              "to others (default %(default)s)")
-    parser.add_argument("--grace", type=float, default=10.0,
+    parser.add_argument("--grace", type=seconds, default=10.0,
                         help="seconds a stop waits for the jobs running (default %(default)s)")
-    parser.add_argument("--backoff", type=float, default=1.0,
+    parser.add_argument("--backoff", type=seconds, default=1.0,
                         help="seconds before the first retry, doubling after (default %(default)s)")
-    parser.add_argument("--retention", type=int, default=int(env("JOBS_RETENTION", RETENTION)),
+    parser.add_argument("--retention", type=whole,
+                        default=from_env(parser, "JOBS_RETENTION", whole, RETENTION),
                         help="seconds a finished job is kept (env JOBS_RETENTION; "
                              "default %(default)s)")
-    parser.add_argument("--prefix", default=env("JOBS_PREFIX", PREFIX),
+    parser.add_argument("--prefix", type=non_empty,
+                        default=from_env(parser, "JOBS_PREFIX", non_empty, PREFIX),
                         help="key prefix of this deployment (env JOBS_PREFIX; default %(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the settings and load the handler, then exit 0 without "
+                             "starting (Redis is not contacted)")
     args = parser.parse_args(argv)
-    if args.max_attempts < 1 or args.lease <= BLOCK * 2 or args.grace < 0 or args.backoff < 0 \
-            or args.concurrency < 1 or args.timeout < 0:
-        parser.error(f"need --max-attempts >= 1, --lease > {BLOCK * 2:g}, --grace >= 0, "
-                     "--backoff >= 0, --concurrency >= 1, --timeout >= 0")
+    if args.check:
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(message)s")
-    handler = load_handler(args.handler) if args.handler else upper
-    worker = Worker(args.redis_url, handler, concurrency=args.concurrency, timeout=args.timeout,
-                    max_attempts=args.max_attempts, lease=args.lease, grace=args.grace,
-                    backoff=args.backoff, retention=args.retention, prefix=args.prefix)
+    worker = Worker(args.redis_url, args.handler or upper, concurrency=args.concurrency,
+                    timeout=args.timeout, max_attempts=args.max_attempts, lease=args.lease,
+                    grace=args.grace, backoff=args.backoff, retention=args.retention,
+                    prefix=args.prefix)
     return worker.run()
 
 
