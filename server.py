@@ -34,7 +34,18 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from worker import PREFIX, TERMINAL, WRITES, Keys, now, redis_said
+from worker import (
+    PREFIX,
+    TERMINAL,
+    WRITES,
+    Keys,
+    from_env,
+    non_empty,
+    now,
+    number,
+    redis_said,
+    redis_url,
+)
 
 log = logging.getLogger("server")
 
@@ -520,22 +531,30 @@ def make_app(
 def main(argv: list[str] | None = None) -> None:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    port, size = number(int, 1, 65535), number(int, 1)
     parser.add_argument("--host", default=env("HOST", "127.0.0.1"),
                         help="address to listen on (env HOST; default %(default)s)")
-    parser.add_argument("--port", type=int, default=int(env("PORT", "8080")),
+    parser.add_argument("--port", type=port, default=from_env(parser, "PORT", port, 8080),
                         help="port to listen on (env PORT; default %(default)s)")
-    parser.add_argument("--redis-url", default=env("REDIS_URL", "redis://localhost:6379/0"),
+    parser.add_argument("--redis-url", type=redis_url,
+                        default=from_env(parser, "REDIS_URL", redis_url, "redis://localhost:6379/0"),
                         help="Redis to use (env REDIS_URL; default %(default)s)")
     parser.add_argument("--allowed-origins", default=env("ALLOWED_ORIGINS", ""),
                         help="comma-separated browser origins allowed on /ws and /events, or * "
                              "(env ALLOWED_ORIGINS; same-origin and no-Origin clients always are)")
-    parser.add_argument("--max-input-bytes", type=int,
-                        default=int(env("MAX_INPUT_BYTES", str(MAX_INPUT_BYTES))),
+    parser.add_argument("--max-input-bytes", type=size,
+                        default=from_env(parser, "MAX_INPUT_BYTES", size, MAX_INPUT_BYTES),
                         help="largest request body accepted (env MAX_INPUT_BYTES; "
                              "default %(default)s)")
-    parser.add_argument("--prefix", default=env("JOBS_PREFIX", PREFIX),
+    parser.add_argument("--prefix", type=non_empty,
+                        default=from_env(parser, "JOBS_PREFIX", non_empty, PREFIX),
                         help="key prefix of this deployment (env JOBS_PREFIX; default %(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the settings, then exit 0 without starting "
+                             "(Redis is not contacted)")
     args = parser.parse_args(argv)
+    if args.check:
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(message)s")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a watcher is a file descriptor
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
