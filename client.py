@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
+import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -30,6 +32,31 @@ class Unreachable(Exception):
 
 def say(message: str) -> None:
     print(f"client: {message}", file=sys.stderr, flush=True)
+
+
+def server_url(text: str) -> str:
+    """An argparse type: an http:// or https:// URL with a host."""
+    try:
+        url = urllib.parse.urlsplit(text)
+        ok = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+    except ValueError:  # from urlsplit (a bad IPv6 address) or .port (not 0-65535)
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
+    return text
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, more than 0."""
+    try:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (more than 0)")
+    return value
 
 
 async def request_json(session: aiohttp.ClientSession, method: str, url: str,
@@ -117,9 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="exit status: 0 done, 1 failed, 2 usage or connection error, 3 timed out")
     parser.add_argument("text", nargs="?", help="the job's input")
-    parser.add_argument("--server", default=os.environ.get("JOBS_SERVER", "http://127.0.0.1:8080"),
+    server = os.environ.get("JOBS_SERVER", "http://127.0.0.1:8080")
+    try:
+        server_url(server)
+    except argparse.ArgumentTypeError as exc:
+        parser.exit(2, f"{parser.prog}: error: environment variable JOBS_SERVER={server!r}: "
+                       f"{exc}\n")
+    parser.add_argument("--server", type=server_url, default=server,
                         help="server URL (env JOBS_SERVER; default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0,
+    parser.add_argument("--timeout", type=seconds, default=60.0,
                         help="seconds to wait for the job to end (default %(default)s)")
     parser.add_argument("--watch", metavar="ID",
                         help="follow an existing job instead of submitting one")
@@ -128,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.text is None) == (args.watch is None):
         parser.error("give either TEXT to submit or --watch ID, not both or neither")
-    if args.timeout <= 0:
-        parser.error("--timeout must be positive")
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:
