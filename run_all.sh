@@ -7,8 +7,9 @@
 #
 # Settings (environment): WORKERS (2), REDIS_URL (unset: start redis-server in DATA_DIR, on a
 # unix socket there, so a Redis the machine already runs is never touched), DATA_DIR (./data),
-# PYTHON (python3); HOST, PORT, JOB_HANDLER and the rest reach the programs themselves.
-# Exit status: 0 stopped on request, 1 a child died on its own (it is named), 2 could not start.
+# PYTHON (python3); HOST, PORT, JOB_HANDLER and the rest reach the programs themselves, which
+# check them first (--check). Exit status: 0 stopped on request, 1 a child died on its own (it
+# is named), 2 a bad setting or could not start.
 #
 # Each child runs in its own process group (set -m), so a terminal's Ctrl+C reaches this script
 # alone, and each child is signalled exactly once: a worker treats a second signal as "stop
@@ -52,6 +53,17 @@ shutdown() {  # shutdown STATUS: stop server and workers, then Redis, and exit
   say "stopped"
   exit "$1"
 }
+# Settings are checked before anything starts: a bad one is one line and exit 2.
+if ! [[ $WORKERS =~ ^[0-9]+$ ]] || ((10#$WORKERS < 1)); then
+  say "WORKERS='$WORKERS' must be a whole number of at least 1"
+  exit 2
+fi
+if ! command -v "$PYTHON" >/dev/null; then
+  say "PYTHON='$PYTHON' is not a command that can be run"
+  exit 2
+fi
+"$PYTHON" server.py --check && "$PYTHON" worker.py --check || exit 2  # they say what is wrong
+
 trap 'shutdown 0' INT TERM
 
 if [ -z "${REDIS_URL:-}" ]; then

@@ -127,7 +127,7 @@ def test_missing_redis_server_says_how_to_get_it(tmp_path: Path) -> None:
     for tool in ("dirname", "bash"):
         (bin_dir / tool).symlink_to(subprocess.check_output(["which", tool], text=True).strip())
     result = subprocess.run([str(bin_dir / "bash"), str(ROOT / "run_all.sh")],
-                            env={"PATH": str(bin_dir)}, capture_output=True, text=True,
-                            timeout=30)
+                            env={"PATH": str(bin_dir), "PYTHON": sys.executable},
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "redis-server not found" in result.stderr and "apt-get" in result.stderr
