@@ -6,15 +6,13 @@ from __future__ import annotations
 import collections
 import json
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
 import pytest
 import redis
 
-from tests.conftest import ROOT, Procs, enqueue, job, processing_keys, wait_until
+from tests.conftest import Procs, enqueue, job, processing_keys, wait_until
 from worker import RETENTION, Keys, Worker
 
 
@@ -221,26 +219,6 @@ def test_cold_stop_gives_the_job_back(procs: Procs, r: redis.Redis, prefix: str,
     assert r.lrange(keys.queue, 0, -1) == [job_id]
     assert not processing_keys(r, prefix)
     assert not list(r.scan_iter(match=f"{prefix}:lease:*"))  # others may reclaim at once
-
-
-@pytest.mark.parametrize(("spec", "words"), [
-    ("nocolon", "must look like MODULE:FUNCTION"),
-    ("no_such_module:f", "cannot load handler"),
-    ("handlers:nope", "cannot load handler"),
-])
-def test_bad_handler_is_one_clear_line(procs: Procs, spec: str, words: str) -> None:
-    result = subprocess.run([sys.executable, "worker.py", "--handler", spec], cwd=ROOT,
-                            env=procs.env(), capture_output=True, text=True, timeout=30)
-    assert result.returncode != 0
-    assert words in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_bad_flags_are_usage_errors(procs: Procs) -> None:
-    result = subprocess.run([sys.executable, "worker.py", "--lease", "1"], cwd=ROOT,
-                            env=procs.env(), capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2
-    assert "--lease" in result.stderr
 
 
 def test_a_job_stranded_with_a_live_worker_is_run(procs: Procs, r: redis.Redis,

@@ -1,0 +1,102 @@
+"""Bad settings get the same care as bad requests: in every program, a flag or environment
+variable of the wrong type or out of range is one line naming it and exit 2, before anything
+starts. No Redis is needed: REDIS_URL points where nothing listens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+from tests.test_run_all import RunAll
+
+# program, setting (a flag or an environment variable), then bad values: of the wrong type,
+# then out of range (a prefix has only one way to be wrong: empty)
+BAD = [
+    ("server.py", "--port", "abc", "0", "65536"),
+    ("server.py", "PORT", "abc", "0"),
+    ("server.py", "--max-input-bytes", "1.5", "0"),
+    ("server.py", "MAX_INPUT_BYTES", "abc", "-1"),
+    ("server.py", "--redis-url", "localhost:6379", "redis://localhost:99999/0"),
+    ("server.py", "REDIS_URL", "localhost:6379", "redis://localhost:99999/0"),
+    ("server.py", "--prefix", ""),
+    ("server.py", "JOBS_PREFIX", ""),
+    ("worker.py", "--redis-url", "localhost:6379", "redis://localhost:99999/0"),
+    ("worker.py", "REDIS_URL", "localhost:6379", "redis://localhost:99999/0"),
+    ("worker.py", "--handler", "nocolon", "no_such_module:f", "handlers:nope"),
+    ("worker.py", "JOB_HANDLER", "nocolon", "handlers:nope"),
+    ("worker.py", "--max-attempts", "abc", "0"),
+    ("worker.py", "--lease", "abc", "2"),
+    ("worker.py", "--grace", "nan", "-1"),
+    ("worker.py", "--backoff", "abc", "-0.5"),
+    ("worker.py", "--retention", "1.5", "0"),
+    ("worker.py", "JOBS_RETENTION", "abc", "-1"),
+    ("worker.py", "--prefix", ""),
+    ("worker.py", "JOBS_PREFIX", ""),
+    ("client.py", "--server", "localhost:8080", "ftp://x", "http://", "http://x:99999"),
+    ("client.py", "JOBS_SERVER", "localhost:8080", "ftp://x"),
+    ("client.py", "--timeout", "abc", "0", "-1"),
+]
+
+
+def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a program to its end (a started server or worker would not end: the timeout fails
+    the test and kills it), with Redis and the server where nothing listens."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    environ = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "PORT": str(free_port()),
+               "REDIS_URL": f"redis://{nowhere}/0", "JOBS_SERVER": f"http://{nowhere}", **env}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environ, capture_output=True,
+                          text=True, timeout=20)
+
+
+@pytest.mark.parametrize(("program", "setting", "value"), [
+    pytest.param(program, setting, value, id=f"{program} {setting}={value}")
+    for program, setting, *values in BAD for value in values])
+def test_a_bad_setting_is_one_line_and_exit_2(program: str, setting: str, value: str) -> None:
+    flag = setting.startswith("--")
+    args = [f"{setting}={value}"] if flag else []
+    result = run(program, *args, *(["x"] if program == "client.py" else []),
+                 **({} if flag else {setting: value}))
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.splitlines()[-1]
+    named = f"argument {setting}: " if flag else f"environment variable {setting}={value!r}: "
+    assert last.startswith(f"{program}: error: {named}"), result.stderr
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_the_environment_is_checked_even_when_a_flag_overrides_it() -> None:
+    result = run("server.py", "--port", "8080", "--check", PORT="abc")
+    assert result.returncode == 2
+    assert result.stderr == ("server.py: error: environment variable PORT='abc': "
+                             "'abc' is not a whole number\n")
+
+
+@pytest.mark.parametrize("args", [
+    ["server.py"], ["worker.py"], ["worker.py", "--handler", "handlers:fail", "--lease", "2.5"]])
+def test_check_with_good_settings_exits_0_without_redis(args: list[str]) -> None:
+    result = run(*args, "--check")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("WORKERS", "abc"), ("WORKERS", "0"), ("PYTHON", "no-such-python"),
+    ("PORT", "abc"), ("MAX_INPUT_BYTES", "0"), ("REDIS_URL", "localhost:6379"),
+    ("JOBS_PREFIX", ""), ("JOB_HANDLER", "nocolon"), ("JOBS_RETENTION", "-1"),
+])
+def test_run_all_starts_nothing_with_a_bad_setting(tmp_path: Path, variable: str,
+                                                   value: str) -> None:
+    run_all = RunAll(tmp_path, **{variable: value})
+    try:
+        assert run_all.finish() == 2  # finish() also checks that nothing is left running
+        output = run_all.output()
+        assert len(output.splitlines()) == 1 and f"{variable}={value!r}" in output, output
+        assert not (run_all.data / "redis.sock").exists()
+        assert not (run_all.data / "redis.log").exists()
+    finally:
+        run_all.kill()
+
