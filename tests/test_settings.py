@@ -29,6 +29,10 @@ BAD = [
     ("worker.py", "REDIS_URL", "localhost:6379", "redis://localhost:99999/0"),
     ("worker.py", "--handler", "nocolon", "no_such_module:f", "handlers:nope"),
     ("worker.py", "JOB_HANDLER", "nocolon", "handlers:nope"),
+    ("worker.py", "--concurrency", "abc", "0"),
+    ("worker.py", "WORKER_CONCURRENCY", "2.5", "0"),
+    ("worker.py", "--timeout", "abc", "-1"),
+    ("worker.py", "JOB_TIMEOUT", "inf", "-1"),
     ("worker.py", "--max-attempts", "abc", "0"),
     ("worker.py", "--lease", "abc", "2"),
     ("worker.py", "--grace", "nan", "-1"),
@@ -87,6 +91,7 @@ def test_check_with_good_settings_exits_0_without_redis(args: list[str]) -> None
     ("WORKERS", "abc"), ("WORKERS", "0"), ("PYTHON", "no-such-python"),
     ("PORT", "abc"), ("MAX_INPUT_BYTES", "0"), ("REDIS_URL", "localhost:6379"),
     ("JOBS_PREFIX", ""), ("JOB_HANDLER", "nocolon"), ("JOBS_RETENTION", "-1"),
+    ("WORKER_CONCURRENCY", "0"), ("JOB_TIMEOUT", "x"),
 ])
 def test_run_all_starts_nothing_with_a_bad_setting(tmp_path: Path, variable: str,
                                                    value: str) -> None:
