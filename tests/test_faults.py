@@ -157,13 +157,15 @@ async def test_redis_restarts_lose_nothing(stack: Stack, concurrency: int) -> No
 
 # 3 -----------------------------------------------------------------------------------------------
 
-@concurrency
-async def test_redis_outage_gives_503_and_nothing_spins(stack: Stack, concurrency: int) -> None:
+@pytest.mark.parametrize(("concurrency", "handler"), [
+    (1, "handlers:slow"), (10, "handlers:slow"), (10, "handlers:asleep")])
+async def test_redis_outage_gives_503_and_nothing_spins(stack: Stack, concurrency: int,
+                                                        handler: str) -> None:
     procs, own_redis, r, prefix = stack
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = procs.server(port)
-    worker = procs.worker("--handler", "handlers:slow", "--concurrency", str(concurrency))
+    worker = procs.worker("--handler", handler, "--concurrency", str(concurrency))
     ids = [enqueue(r, prefix, "1") for _ in range(concurrency)]  # every slot busy
     wait_until(lambda: all(job["status"] == "running" for job in statuses(r, prefix, ids)))
     assert own_redis.proc is not None
