@@ -289,9 +289,10 @@ class Slot:
         """True once it can take no job any more: its loop ended, or it holds one."""
         return self.stopped.is_set() or self.job is not None
 
-    def begin(self, job: Job, timeout: float) -> None:
+    def begin(self, job: Job, timeout: float, task: asyncio.Task[str] | None = None) -> None:
         with self.lock:
-            self.job, self.deadline = job, time.monotonic() + timeout if timeout else float("inf")
+            self.job, self.task = job, task
+            self.deadline = time.monotonic() + timeout if timeout else float("inf")
 
     def end(self) -> None:
         """The handler is over: nothing can be raised into it any more."""
@@ -738,20 +739,17 @@ class Worker:
         """Run an async handler as a task of its own (so it can be cancelled), up to the
         timeout: (True, result) or (False, error)."""
         task = asyncio.create_task(cast(Coroutine[Any, Any, str], self.handler(job.input)))
-        slot.begin(job, self.timeout)
-        slot.task = task
+        slot.begin(job, self.timeout, task)
         try:
             async with asyncio.timeout(self.timeout or None) as limit:
                 return True, self.checked(await task)
-        except TimeoutError:
-            if limit.expired():
-                return False, self.timed_out
-            return False, "TimeoutError: " + str(task.exception() or "")
         except asyncio.CancelledError:
-            if task.cancelled() and not self.cold:  # the keeper cancelled the try
+            if (current := asyncio.current_task()) is not None and current.cancelling():
+                raise  # the slot itself is cancelled, not only its try
+            return False, self.timed_out  # the keeper interrupted the try
+        except Exception as exc:  # the handler's failure is the job's, not the worker's
+            if isinstance(exc, TimeoutError) and limit.expired():
                 return False, self.timed_out
-            raise
-        except Exception as exc:
             return False, f"{type(exc).__name__}: {exc}"
         finally:
             slot.end()

@@ -139,8 +139,10 @@ async def test_redis_restarts_lose_nothing(stack: Stack, concurrency: int) -> No
                for _ in range(2)]
     ids = [enqueue(r, prefix, "0.05") for _ in range(300 * concurrency)]
     async with aiohttp.ClientSession() as session:
-        watchers = [asyncio.create_task(watch(session, base, job_id))
-                    for job_id in ids[::10 * concurrency]]
+        # Connected before the restarts (one that connects while Redis is down gets a 503).
+        sockets = await asyncio.gather(*(session.ws_connect(f"{base}/ws", params={"id": job_id})
+                                         for job_id in ids[::10 * concurrency]))
+        watchers = [asyncio.create_task(read_all(ws)) for ws in sockets]
         for enough in (50 * concurrency, 150 * concurrency):  # restart twice: jobs queued,
             # running and done
             await asyncio.to_thread(wait_until, lambda n=enough: sum(
