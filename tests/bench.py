@@ -1,9 +1,11 @@
 """Benchmark: this job queue against arq, RQ and SAQ, on one machine, in one run.
 
-    python3 -m pip install '.[bench]' && python3 tests/bench.py [--jobs 10000]
+    python3 -m pip install '.[bench]' && python3 tests/bench.py [--jobs 10000] [--only io]
 
-Starts its own redis-server (persistence off) on a free port and prints one table. Every
-system runs the same job (upper-case a string) against the same Redis, flushed between runs.
+Starts its own redis-server (persistence off) on a free port and prints two tables. In each,
+every system runs the same job against the same Redis, flushed between runs.
+
+The CPU-trivial table (--only cpu for it alone): the job upper-cases a string.
 - enqueue/s: jobs accepted per second with no worker running (ours: HTTP POST /submit from 64
   concurrent submitters; peers: their own enqueue API, 64 at a time where it is async);
 - drain: N jobs already queued, 1 or 2 worker processes (peers at their default concurrency),
@@ -15,6 +17,16 @@ system runs the same job (upper-case a string) against the same Redis, flushed b
 - latency: 500 sequential submit → WebSocket `done`, p50 and p99;
 - fan-out: W WebSocket watchers of one job on one server: time to connect them, time from the
   worker's publish to the last watcher hearing it, server RSS per watcher.
+
+The I/O-bound table (--only io for it alone): the job waits 20 ms (time.sleep in a plain
+handler, asyncio.sleep in an async one), then upper-cases the string. 2 worker processes, idle
+(started, a warm-up job done, each then using under a fifth of a core), then --io-jobs jobs
+enqueued as for end to end, from the first enqueue to the last job done. Ours plain and async
+at 10 and 100 jobs at once per worker; arq, SAQ and RQ at their defaults; arq and SAQ at 100.
+Beside each row: the limit W x N x 50 jobs/s (W workers running N jobs at once, each job 20 ms)
+and the share of it reached; the workers' RSS at the end (the larger of the two); CPU per job
+during the run, of the two workers together and of our server.
+--only takes a table or a system, and may be given more than once: --only io --only ours.
 Not collected by pytest (its name does not start with test_).
 """
 
@@ -34,11 +46,14 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import psutil
 import redis
+
+if TYPE_CHECKING:
+    import aiohttp  # imported where used: worker processes import this module for wait_20ms
+    # and await_20ms, and aiohttp would add some 11 MiB to the RSS the I/O table reports
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,6 +61,7 @@ from worker import Keys  # noqa: E402
 
 KEYS = Keys()
 PEERS = ("arq", "rq", "saq")
+TABLES = ("cpu", "io")
 
 
 def upper(text: str) -> str:
@@ -54,6 +70,23 @@ def upper(text: str) -> str:
 
 async def upper_async(ctx: Any, text: str) -> str:  # arq and SAQ call (ctx, *args)
     return text.upper()
+
+
+def wait_20ms(text: str) -> str:
+    """The I/O-bound job, plain: ours runs it with --handler bench:wait_20ms, RQ too."""
+    time.sleep(0.02)
+    return text.upper()
+
+
+async def await_20ms(text: str) -> str:
+    """The I/O-bound job, async: ours runs it with --handler bench:await_20ms."""
+    await asyncio.sleep(0.02)
+    return text.upper()
+
+
+async def await_20ms_ctx(ctx: Any, text: str) -> str:
+    """await_20ms as arq and SAQ call it."""
+    return await await_20ms(text)
 
 
 def free_port() -> int:
@@ -74,23 +107,30 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 600.0, step: float =
 
 # -- peer workers: `bench.py --peer-worker NAME --port P` runs one in this process ---------------
 
-def run_peer_worker(name: str, port: int) -> None:
+def run_peer_worker(name: str, port: int, concurrency: int | None) -> None:
+    """Concurrency: arq's max_jobs, SAQ's concurrency (None: their default); RQ has none."""
     if name == "rq":
-        from rq import Queue, SimpleWorker
+        from rq import Queue as RQQueue
+        from rq import SimpleWorker
         conn = redis.Redis(port=port)
-        SimpleWorker([Queue(connection=conn)], connection=conn).work(logging_level="WARNING")
+        SimpleWorker([RQQueue(connection=conn)], connection=conn).work(logging_level="WARNING")
     elif name == "arq":
         from arq.connections import RedisSettings
         from arq.worker import func, run_worker
 
-        run_worker({"functions": [func(upper_async, name="upper")],
-                    "redis_settings": RedisSettings(port=port)})
+        run_worker({"functions": [func(upper_async, name="upper"),
+                                  func(await_20ms_ctx, name="wait_20ms")],
+                    "redis_settings": RedisSettings(port=port),
+                    **({"max_jobs": concurrency} if concurrency else {})})
     elif name == "saq":
-        from saq import Queue, Worker
+        from saq import Queue as SAQQueue
+        from saq import Worker
 
         async def main() -> None:
-            worker = Worker(Queue.from_url(f"redis://127.0.0.1:{port}"),
-                            functions=[("upper", upper_async)])
+            options: dict[str, Any] = {"concurrency": concurrency} if concurrency else {}
+            worker = Worker(SAQQueue.from_url(f"redis://127.0.0.1:{port}"),
+                            functions=[("upper", upper_async), ("wait_20ms", await_20ms_ctx)],
+                            **options)
             await worker.start()
         asyncio.run(main())
 
@@ -98,25 +138,27 @@ def run_peer_worker(name: str, port: int) -> None:
 class Peer:
     """Enqueue and count through a peer's own API."""
 
-    def __init__(self, name: str, port: int) -> None:
+    def __init__(self, name: str, port: int, function: str = "upper",
+                 concurrency: int | None = None) -> None:
         self.name, self.port = name, port
+        self.function, self.concurrency = function, concurrency  # the job; None: the default
 
     async def enqueue(self, texts: list[str]) -> None:
         if self.name == "rq":
-            from rq import Queue
-            queue = Queue(connection=redis.Redis(port=self.port))
+            from rq import Queue as RQQueue
+            queue = RQQueue(connection=redis.Redis(port=self.port))
             for text in texts:  # RQ's API is synchronous
-                queue.enqueue("bench.upper", text)
+                queue.enqueue(f"bench.{self.function}", text)
         elif self.name == "arq":
             from arq import create_pool
             from arq.connections import RedisSettings
             pool = await create_pool(RedisSettings(port=self.port))
-            await in_batches(texts, lambda text: pool.enqueue_job("upper", text))
+            await in_batches(texts, lambda text: pool.enqueue_job(self.function, text))
             await pool.aclose()
         else:
-            from saq import Queue
-            saq_queue = Queue.from_url(f"redis://127.0.0.1:{self.port}")
-            await in_batches(texts, lambda text: saq_queue.enqueue("upper", text=text))
+            from saq import Queue as SAQQueue
+            saq_queue = SAQQueue.from_url(f"redis://127.0.0.1:{self.port}")
+            await in_batches(texts, lambda text: saq_queue.enqueue(self.function, text=text))
             await saq_queue.disconnect()
 
     def remaining(self, r: redis.Redis) -> int:
@@ -128,17 +170,32 @@ class Peer:
         return int(r.zcard("saq:default:incomplete"))
 
     def start_workers(self, count: int) -> list[subprocess.Popen[bytes]]:
+        concurrency = ["--peer-concurrency", str(self.concurrency)] if self.concurrency else []
         return [subprocess.Popen([sys.executable, __file__, "--peer-worker", self.name,
-                                  "--port", str(self.port)], stderr=subprocess.DEVNULL)
+                                  "--port", str(self.port), *concurrency],
+                                 stderr=subprocess.DEVNULL)
                 for _ in range(count)]
 
 
 class Ours:
-    def __init__(self, port: int, http_port: int) -> None:
+    def __init__(self, port: int, http_port: int, handler: str | None = None,
+                 concurrency: int | None = None) -> None:
+        """handler: worker.py's --handler, a function of this module (None: its default);
+        concurrency: worker.py's --concurrency (None: its default)."""
         self.name, self.port, self.base = "ours", port, f"http://127.0.0.1:{http_port}"
         self.env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+        self.flags = [*(["--handler", handler] if handler else []),
+                      *(["--concurrency", str(concurrency)] if concurrency else [])]
+        if handler:  # worker.py imports this module as `bench`
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+
+    def with_worker(self, handler: str, concurrency: int) -> Ours:
+        """The same server and Redis, workers started with these settings."""
+        return Ours(self.port, int(self.base.rsplit(":", 1)[1]), handler, concurrency)
 
     async def enqueue(self, texts: list[str]) -> None:
+        import aiohttp
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
             async def submit(text: str) -> None:
                 async with session.post(f"{self.base}/submit", json={"input": text}) as resp:
@@ -153,8 +210,9 @@ class Ours:
             return sum(pipe.execute())
 
     def start_workers(self, count: int) -> list[subprocess.Popen[bytes]]:
-        return [subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=self.env,
-                                 stderr=subprocess.DEVNULL) for _ in range(count)]
+        return [subprocess.Popen([sys.executable, str(ROOT / "worker.py"), *self.flags],
+                                 env=self.env, stderr=subprocess.DEVNULL)
+                for _ in range(count)]
 
     def start_server(self) -> subprocess.Popen[bytes]:
         port = int(self.base.rsplit(":", 1)[1])
@@ -180,7 +238,39 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
         proc.wait()
 
 
-def measure(system: Any, r: redis.Redis, n: int) -> dict[str, float]:
+def counter(system: Ours | Peer, r: redis.Redis,
+            procs: list[subprocess.Popen[bytes]]) -> Callable[[], int]:
+    """A function returning the jobs the system has yet to finish, stopping the bench if one of
+    its worker processes exited."""
+    def left() -> int:
+        if any(proc.poll() is not None for proc in procs):
+            raise SystemExit(f"bench: a {system.name} worker exited; see it run alone with "
+                             "--peer-worker NAME --port PORT, or run worker.py")
+        return int(system.remaining(r))
+    return left
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def settle(procs: list[subprocess.Popen[bytes]], window: float = 0.25, most: float = 0.2,
+           timeout: float = 60.0) -> None:
+    """Wait until each process uses under `most` of a core over `window` seconds: started
+    up and idle."""
+    watched = [psutil.Process(proc.pid) for proc in procs]
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        before = [cpu_seconds(proc) for proc in watched]
+        time.sleep(window)
+        if all(cpu_seconds(proc) - cpu < most * window for proc, cpu in zip(watched, before,
+                                                                              strict=True)):
+            return
+    raise SystemExit("bench: the workers never went idle")
+
+
+def measure(system: Ours | Peer, r: redis.Redis, n: int) -> dict[str, float]:
     """enqueue/s, drain and end-to-end jobs/s with 1 and 2 worker processes."""
     texts = [f"job {i}" for i in range(n)]
     out: dict[str, float] = {}
@@ -214,6 +304,47 @@ def measure(system: Any, r: redis.Redis, n: int) -> dict[str, float]:
     return out
 
 
+def measure_io(system: Ours | Peer, r: redis.Redis, n: int, server_pid: int) -> dict[str, float]:
+    """The I/O-bound table's row: jobs/s with 2 idle workers, from the first enqueue to the last
+    job done; the workers' RSS at the end (the larger), CPU µs per job of both workers and of
+    our server (the server's is counted for ours only)."""
+    texts = [f"job {i}" for i in range(n)]
+    r.flushall()
+    procs = system.start_workers(2)
+    try:
+        left = counter(system, r, procs)
+        asyncio.run(system.enqueue(["warm up"]))
+        wait_for(lambda: left() == 0)
+        settle(procs)
+        workers, server = [psutil.Process(proc.pid) for proc in procs], psutil.Process(server_pid)
+        cpu_before = sum(map(cpu_seconds, workers)), cpu_seconds(server)
+        began = time.perf_counter()
+        asyncio.run(system.enqueue(texts))
+        last = wait_for(lambda: left() == 0)
+        cpu_after = sum(map(cpu_seconds, workers)), cpu_seconds(server)
+        rss = max(proc.memory_info().rss for proc in workers)
+    finally:
+        stop(procs)
+    return {"rate": n / (last - began), "rss": rss,
+            "cpu_worker": (cpu_after[0] - cpu_before[0]) / n * 1e6,
+            "cpu_server": (cpu_after[1] - cpu_before[1]) / n * 1e6}
+
+
+def io_rows(ours: Ours, port: int) -> list[tuple[str, Ours | Peer, int]]:
+    """The I/O-bound table's rows: (label, system, jobs each worker runs at once)."""
+    rows: list[tuple[str, Ours | Peer, int]] = []
+    for concurrency in (10, 100):
+        rows += [(f"ours {kind} N={concurrency}",
+                  ours.with_worker(f"bench:{handler}", concurrency), concurrency)
+                 for kind, handler in (("plain", "wait_20ms"), ("async", "await_20ms"))]
+    return [*rows,
+            ("arq default (max_jobs 10)", Peer("arq", port, "wait_20ms"), 10),
+            ("arq max_jobs=100", Peer("arq", port, "wait_20ms", 100), 100),
+            ("saq default (concurrency 10)", Peer("saq", port, "wait_20ms"), 10),
+            ("saq concurrency=100", Peer("saq", port, "wait_20ms", 100), 100),
+            ("rq SimpleWorker (1)", Peer("rq", port, "wait_20ms"), 1)]
+
+
 def ceiling(r: redis.Redis, n: int) -> float:
     r.flushall()
     for i in range(n):
@@ -228,6 +359,7 @@ def ceiling(r: redis.Redis, n: int) -> float:
 
 
 async def latency(ours: Ours, count: int = 500) -> list[float]:
+    import aiohttp
     times = []
     async with aiohttp.ClientSession() as session:
         for i in range(count):
@@ -242,6 +374,7 @@ async def latency(ours: Ours, count: int = 500) -> list[float]:
 
 
 async def fan_out(ours: Ours, server_pid: int, watchers: int) -> dict[str, float]:
+    import aiohttp
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     rss_before = psutil.Process(server_pid).memory_info().rss
@@ -277,15 +410,24 @@ async def fan_out(ours: Ours, server_pid: int, watchers: int) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=10_000, help="N (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=10_000,
+                        help="N of the CPU-trivial table (default %(default)s)")
+    parser.add_argument("--io-jobs", type=int, default=2_000,
+                        help="N of the I/O-bound table (default %(default)s)")
     parser.add_argument("--watchers", type=int, default=10_000,
                         help="WebSocket watchers for fan-out (default %(default)s)")
-    parser.add_argument("--only", choices=("ours", *PEERS), help="measure one system only")
+    parser.add_argument("--only", choices=(*TABLES, "ours", *PEERS), action="append",
+                        help="measure one table, or one system, only; may be repeated "
+                             "(--only io --only ours)")
     parser.add_argument("--peer-worker", choices=PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-concurrency", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peer_worker:
-        return run_peer_worker(args.peer_worker, args.port)
+        return run_peer_worker(args.peer_worker, args.port, args.peer_concurrency)
+    only = set(args.only or ())
+    tables = [t for t in TABLES if not only & set(TABLES) or t in only]
+    names = [s for s in ("ours", *PEERS) if not only - set(TABLES) or s in only]
 
     port, folder = free_port(), tempfile.mkdtemp(prefix="bench-redis-")
     redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
@@ -295,42 +437,59 @@ def main(argv: list[str] | None = None) -> None:
     wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0)
     ours = Ours(port, free_port())
     server = ours.start_server()
-    rows = []
+    rows, io = [], []
     try:
-        candidates: list[Ours | Peer] = [ours, *(Peer(p, port) for p in PEERS)]
-        systems = [s for s in candidates if args.only in (None, s.name)]
-        for system in systems:
-            print(f"bench: {system.name} ...", file=sys.stderr, flush=True)
-            rows.append((system.name, measure(system, r, args.jobs)))
-        r.flushall()
-        worker_proc = ours.start_workers(1)
-        asyncio.run(ours.enqueue(["warm up"]))
-        wait_for(lambda: ours.remaining(r) == 0)
-        print("bench: latency, fan-out ...", file=sys.stderr, flush=True)
-        lat = sorted(asyncio.run(latency(ours)))
-        worker_rss = psutil.Process(worker_proc[0].pid).memory_info().rss
-        stop(worker_proc)
-        fan = asyncio.run(fan_out(ours, server.pid, args.watchers))
-        server_rss = psutil.Process(server.pid).memory_info().rss
-        top = ceiling(r, args.jobs)
+        if "cpu" in tables:
+            candidates: list[Ours | Peer] = [ours, *(Peer(p, port) for p in PEERS)]
+            for system in (s for s in candidates if s.name in names):
+                print(f"bench: {system.name} ...", file=sys.stderr, flush=True)
+                rows.append((system.name, measure(system, r, args.jobs)))
+            r.flushall()
+            worker_proc = ours.start_workers(1)
+            asyncio.run(ours.enqueue(["warm up"]))
+            wait_for(lambda: ours.remaining(r) == 0)
+            print("bench: latency, fan-out ...", file=sys.stderr, flush=True)
+            lat = sorted(asyncio.run(latency(ours)))
+            worker_rss = psutil.Process(worker_proc[0].pid).memory_info().rss
+            stop(worker_proc)
+            fan = asyncio.run(fan_out(ours, server.pid, args.watchers))
+            server_rss = psutil.Process(server.pid).memory_info().rss
+            top = ceiling(r, args.jobs)
+        if "io" in tables:
+            for label, system, concurrency in io_rows(ours, port):
+                if system.name in names:
+                    print(f"bench: I/O-bound, {label} ...", file=sys.stderr, flush=True)
+                    io.append((label, system.name, 2 * concurrency * 50,
+                               measure_io(system, r, args.io_jobs, server.pid)))
         version = r.info("server")["redis_version"]
     finally:
         stop([server, redis_proc])
-    print(f"\njobs/s, N = {args.jobs:,}, {os.cpu_count()} cores, redis-server {version}, "
-          f"Python {sys.version.split()[0]}")
-    print(f"{'system':8} {'enqueue':>9} {'drain 1w':>9} {'drain 2w':>9} {'e2e 1w':>9} "
-          f"{'e2e 2w':>9}")
-    for name, m in rows:
-        print(f"{name:8} " + " ".join(f"{m[k]:9,.0f}" for k in
-                                      ("enqueue", "drain1", "drain2", "e2e1", "e2e2")))
-    print(f"\nceiling (one connection, LPUSH; BLMOVE HSET LREM PUBLISH): {top:,.0f} jobs/s")
-    print(f"latency submit→done over WebSocket, 500 sequential: p50 "
-          f"{statistics.median(lat) * 1000:.2f} ms, p99 {lat[int(len(lat) * 0.99)] * 1000:.2f} ms")
-    print(f"fan-out, {args.watchers:,} watchers of one job: connect {fan['connect']:.2f} s, "
-          f"publish→last heard {fan['last'] * 1000:.0f} ms, "
-          f"server RSS {fan['rss'] / 1024:.1f} KiB/watcher")
-    print(f"RSS: worker {worker_rss / 2**20:.1f} MiB, server {server_rss / 2**20:.1f} MiB "
-          f"(after fan-out)")
+    print(f"\n{os.cpu_count()} cores, redis-server {version}, Python {sys.version.split()[0]}")
+    if "cpu" in tables:
+        print(f"\nCPU-trivial job, jobs/s, N = {args.jobs:,}")
+        print(f"{'system':8} {'enqueue':>9} {'drain 1w':>9} {'drain 2w':>9} {'e2e 1w':>9} "
+              f"{'e2e 2w':>9}")
+        for name, m in rows:
+            print(f"{name:8} " + " ".join(f"{m[k]:9,.0f}" for k in
+                                          ("enqueue", "drain1", "drain2", "e2e1", "e2e2")))
+        print(f"\nceiling (one connection, LPUSH; BLMOVE HSET LREM PUBLISH): {top:,.0f} jobs/s")
+        print(f"latency submit→done over WebSocket, 500 sequential: p50 "
+              f"{statistics.median(lat) * 1000:.2f} ms, p99 "
+              f"{lat[int(len(lat) * 0.99)] * 1000:.2f} ms")
+        print(f"fan-out, {args.watchers:,} watchers of one job: connect {fan['connect']:.2f} s, "
+              f"publish→last heard {fan['last'] * 1000:.0f} ms, "
+              f"server RSS {fan['rss'] / 1024:.1f} KiB/watcher")
+        print(f"RSS: worker {worker_rss / 2**20:.1f} MiB, server {server_rss / 2**20:.1f} MiB "
+              f"(after fan-out)")
+    if "io" in tables:
+        print(f"\nI/O-bound job (waits 20 ms), 2 idle workers, N = {args.io_jobs:,}, first "
+              "enqueue to last done; limit = 2 workers x jobs at once x 50/s")
+        print(f"{'system':28} {'jobs/s':>7} {'limit':>7} {'% limit':>7} {'RSS MiB':>8} "
+              f"{'CPU µs/job: workers':>20} {'server':>7}")
+        for label, name, limit, m in io:
+            extra = (f" {m['rss'] / 2**20:8.1f} {m['cpu_worker']:20,.0f} {m['cpu_server']:7,.0f}"
+                     if name == "ours" else "")
+            print(f"{label:28} {m['rate']:7,.0f} {limit:7,} {m['rate'] / limit:7.0%}{extra}")
 
 
 if __name__ == "__main__":
