@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import importlib
 import inspect
@@ -42,7 +43,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import redis
 import redis.asyncio
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.retry import Retry
 
@@ -53,11 +54,12 @@ TERMINAL = ("done", "failed")
 RETENTION = 86_400  # seconds a finished job is kept
 DEAD_MAX = 10_000  # ids kept on the dead-letter list
 BLOCK = 1  # seconds BLMOVE blocks, so a stop flag is seen at least this often
-MAINTAIN_EVERY = 1.0  # seconds between a slot's rounds of reclaiming (strays, dead workers)
+MAINTAIN_EVERY = 1.0  # seconds between reclaim rounds: a slot's strays; dead workers, retries
 REDIS_RETRY_CAP = 5.0  # seconds between tries while Redis is unreachable
 CONCURRENCY = 10  # jobs in flight per worker, as arq and SAQ
 TIMEOUT = 300.0  # seconds a try may run
 TICK = 0.25  # seconds between the keeper's looks at the slots' deadlines
+HARD_STOP = 10.0  # seconds a cold stop may take giving jobs back before the process just exits
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
@@ -136,18 +138,25 @@ local function fail(key, id, error, now, retention, dead, dead_max)
   redis.call('LPUSH', dead, id)
   redis.call('LTRIM', dead, 0, dead_max - 1)
 end
--- Mark a job just moved into `processing` running: {id, input, attempt}. One that is not
--- `queued` (a duplicate entry, or already finished) is dropped from the list instead: false.
+-- Mark a job just moved into `processing` (a slot's list) running: {id, input, attempt}, and
+-- record the slot in its `worker` field. False, and nothing done, if it is no longer in the
+-- list (reclaimed meanwhile); false, and dropped from the list, if it is not `queued` (a
+-- duplicate entry, or finished). Run twice for one take (a reply lost), the same answer.
 local function start(prefix, processing, id, now, channel)
   local key = prefix .. ':job:' .. id
-  if redis.call('HGET', key, 'status') ~= 'queued' then
+  if not redis.call('LPOS', processing, id) then return false end
+  local slot = string.sub(processing, #prefix + 13)  -- after '<prefix>:processing:'
+  local f = redis.call('HMGET', key, 'status', 'worker', 'input', 'attempts')
+  if f[1] == 'running' and f[2] == slot then return {id, f[3], tonumber(f[4])} end
+  if f[1] ~= 'queued' then
     redis.call('LREM', processing, 1, id)
     return false
   end
   bump(key, 'running', now)
+  redis.call('HSET', key, 'worker', slot)
   local attempts = redis.call('HINCRBY', key, 'attempts', 1)
   emit(key, channel)
-  return {id, redis.call('HGET', key, 'input'), attempts}
+  return {id, f[3], attempts}
 end
 """
 
@@ -157,14 +166,17 @@ return start(ARGV[1], KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 """
 
 # KEYS: job, processing, dead, delayed, queue. ARGV: id, outcome (done/failed/retry), result,
-# error, now, channel, retention, due time, dead max, prefix, take next (1/0). Returns {held,
-# next}: held is 0 if this worker no longer holds the job (its lease expired and the job was
-# reclaimed: the other try's outcome stands); next is the next job, taken and started in the
-# same round trip (as by START), or nil: none waiting, or not asked for. Registered twice: with
-# WRITES to take the next job, and with ALLOW_OOM to finish alone when Redis is full (a new job
-# waits, as BLMOVE does, until memory is back).
+# error, now, channel, retention, due time, dead max, prefix, take next (1/0), attempt. Returns
+# {held, next}: held is 0 if the slot no longer holds this try of the job (the job was
+# reclaimed, or the keeper recorded the try timed out: that outcome stands); next is the next
+# job, taken and started in the same round trip (as by START), or nil: none waiting, or not
+# asked for. Registered twice: with WRITES to take the next job, and with ALLOW_OOM to finish
+# alone when Redis is full (a new job waits, as BLMOVE does, until memory is back).
 FINISH = LUA_PRELUDE + """
-local held = redis.call('LREM', KEYS[2], 1, ARGV[1])
+local held = 0
+if redis.call('HGET', KEYS[1], 'attempts') == ARGV[12] then
+  held = redis.call('LREM', KEYS[2], 1, ARGV[1])
+end
 if held == 1 then
   if ARGV[2] == 'retry' then
     bump(KEYS[1], 'queued', ARGV[5])
@@ -189,17 +201,17 @@ return {held, job}
 """
 
 # KEYS: queue, workers, dead, delayed. ARGV: prefix, channel, now, now (unix), max attempts
-# (0: no limit), retention, dead max, then slots that hold no job now (their lists hold only
-# strays: a BLMOVE whose reply was lost). Puts back at the head of the queue the unfinished jobs
-# of those slots and of every slot whose worker's lease expired (which also leave the set of
-# slots), failing those out of attempts; then moves retries that are due onto the queue. A slot
-# is named <worker>/<n>; the lease is the worker's.
+# (0: no limit), retention, dead max, scan (1/0), then slots that hold no job now (their lists
+# hold only strays: a BLMOVE whose reply was lost). Puts back at the head of the queue the
+# unfinished jobs of those slots and, with scan, of every slot whose worker's lease expired
+# (which also leave the set of slots), failing those out of attempts, and moves retries that
+# are due onto the queue. A slot is named <worker>/<n>; the lease is the worker's.
 RECLAIM = ALLOW_OOM + LUA_PRELUDE + """
 local prefix, channel, now = ARGV[1], ARGV[2], ARGV[3]
 local max, moved = tonumber(ARGV[5]), 0
-local idle, lost, alive = {}, {}, {}
-for i = 8, #ARGV do idle[ARGV[i]] = true end
-for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+local scan, idle, lost, alive = ARGV[8] == '1', {}, {}, {}
+for i = 9, #ARGV do idle[ARGV[i]] = true end
+for _, w in ipairs(scan and redis.call('SMEMBERS', KEYS[2]) or {}) do
   local owner = string.match(w, '^(.+)/%d+$') or w
   if alive[owner] == nil then
     alive[owner] = redis.call('EXISTS', prefix .. ':lease:' .. owner) == 1
@@ -234,7 +246,7 @@ for _, w in ipairs(lost) do
   requeue(w)
   redis.call('SREM', KEYS[2], w)
 end
-local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[4], 'LIMIT', 0, 1000)
+local due = scan and redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[4], 'LIMIT', 0, 1000) or {}
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[4], id)
   redis.call('LPUSH', KEYS[1], id)
@@ -280,6 +292,7 @@ class Slot:
         self.lock = threading.Lock()  # the slot's runner and the keeper
         self.job: Job | None = None
         self.deadline = float("inf")
+        self.interrupted = False  # once per try
         self.thread_id: int | None = None
         self.task: asyncio.Task[str] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -291,7 +304,7 @@ class Slot:
 
     def begin(self, job: Job, timeout: float, task: asyncio.Task[str] | None = None) -> None:
         with self.lock:
-            self.job, self.task = job, task
+            self.job, self.task, self.interrupted = job, task, False
             self.deadline = time.monotonic() + timeout if timeout else float("inf")
 
     def end(self) -> None:
@@ -303,6 +316,7 @@ class Slot:
 
     def interrupt(self, exc: type[BaseException]) -> None:
         """Call with the lock held and a job running."""
+        self.interrupted = True
         if self.task is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(self.task.cancel)
         elif self.thread_id is not None:
@@ -418,13 +432,14 @@ class Worker:
         self._stop_deadline = float("inf")  # monotonic time when the grace runs out
         self._wake = threading.Event()  # wakes the keeper thread early
 
-    @staticmethod
-    def client_options() -> dict[str, Any]:
+    def client_options(self) -> dict[str, Any]:
+        """A connection for each slot (each blocks one in BLMOVE) and for the keeper. No retries
+        of redis-py's own: a command sent again after a lost reply could run twice; the slots'
+        loops retry instead, and put back what a lost reply left behind."""
         return {"decode_responses": True, "client_name": "jobs-worker",
-                "socket_connect_timeout": 2.0,
+                "max_connections": len(self.slots) + 2, "socket_connect_timeout": 2.0,
                 "socket_timeout": BLOCK + 5.0,  # longer than the BLMOVE block
-                "health_check_interval": 30,
-                "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 2)}
+                "health_check_interval": 30, "retry": Retry(NoBackoff(), 0)}
 
     # -- signals and the keeper ----------------------------------------------------------------
 
@@ -437,13 +452,25 @@ class Worker:
                      signal.Signals(signum).name)
             self._stop_deadline = time.monotonic() + self.grace
             self.stopping = True
+        # Should the keeper be stuck on an unresponsive Redis, the process ends all the same:
+        # its jobs go back to the queue when its lease expires.
+        backstop = threading.Timer(HARD_STOP + (0 if self.cold else self.grace), os._exit, (1,))
+        backstop.daemon = True
+        backstop.start()
         self._wake.set()  # safe here: no other code of the main thread takes this Event's lock
 
     def keeper(self) -> None:
         """Thread: renew the lease every --lease/3 s and time out tries past their deadline,
-        whatever the slots are doing; on a cold stop, give every slot's job back and exit."""
-        renewed, next_renewal = True, 0.0
+        whatever the slots are doing; on a cold stop, give every slot's job back and exit.
+        Returns once the slots have all stopped (a warm stop)."""
+        renewed, next_renewal, next_scan = True, 0.0, 0.0
         while not (self.cold or time.monotonic() >= self._stop_deadline):
+            if all(slot.stopped.is_set() for slot in self.slots):
+                return
+            if time.monotonic() >= next_scan:  # the jobs of dead workers, the retries due
+                with contextlib.suppress(redis.RedisError):  # the slots say what Redis does
+                    self.reclaim()
+                next_scan = time.monotonic() + MAINTAIN_EVERY
             if time.monotonic() >= next_renewal:
                 try:
                     self.heartbeat()
@@ -464,7 +491,7 @@ class Worker:
         while not all(slot.idle() for slot in self.slots) and time.monotonic() < limit:
             time.sleep(0.01)
         try:
-            self.reclaim(*(slot.name for slot in self.slots), max_attempts=0)
+            self.reclaim(*(slot.name for slot in self.slots), max_attempts=0, scan=False)
             # Not leaving the worker set: should a finish in flight in a slot take one more
             # job, any worker reclaims it once it sees the lease gone.
             self.redis.delete(self.keys.lease(self.name))
@@ -479,13 +506,16 @@ class Worker:
         handler blocked inside C, or an async one that blocks the event loop), record it as
         timed out all the same: its late result will find the job gone from its list."""
         for slot in self.slots:
+            if self.cold:
+                return
             with slot.lock:
                 job, late = slot.job, time.monotonic() - slot.deadline
                 if job is None or late < 0:
                     continue
-                if late < TICK:
+                if not slot.interrupted:
                     slot.interrupt(JobTimeout)
-                    continue
+                    if late < TICK:
+                        continue
                 slot.deadline = float("inf")
             try:
                 self.finish(slot, job, *self.outcome(job, False, self.timed_out), take_next=False)
@@ -508,22 +538,25 @@ class Worker:
         self._lease(keys=[self.keys.lease(self.name), self.keys.workers],
                     args=[int(self.lease * 1000), *(slot.name for slot in self.slots)])
 
-    def reclaim(self, *idle: str, max_attempts: int | None = None) -> tuple[int, int]:
-        """Requeue what the idle slots named hold (strays) and the jobs of workers whose lease
-        expired; move due retries onto the queue. Returns (jobs requeued, retries moved)."""
+    def reclaim(self, *idle: str, max_attempts: int | None = None,
+                scan: bool = True) -> tuple[int, int]:
+        """Requeue what the idle slots named hold (strays) and, with scan, the jobs of workers
+        whose lease expired, and move due retries onto the queue. Returns (jobs requeued,
+        retries moved)."""
         moved, due = self._reclaim(keys=self.reclaim_keys(),
-                                   args=self.reclaim_args(idle, max_attempts))
+                                   args=self.reclaim_args(idle, max_attempts, scan))
         return self.reclaimed(moved, due)
 
     def reclaim_keys(self) -> list[str]:
         k = self.keys
         return [k.queue, k.workers, k.dead, k.delayed]
 
-    def reclaim_args(self, idle: tuple[str, ...], max_attempts: int | None) -> list[str | float]:
+    def reclaim_args(self, idle: tuple[str, ...], max_attempts: int | None,
+                     scan: bool) -> list[str | float]:
         k = self.keys
         return [k.prefix, k.events, now(), time.time(),
                 self.max_attempts if max_attempts is None else max_attempts, self.retention,
-                DEAD_MAX, *idle]
+                DEAD_MAX, int(scan), *idle]
 
     @staticmethod
     def reclaimed(moved: int, due: int) -> tuple[int, int]:
@@ -563,7 +596,7 @@ class Worker:
 
         def args(take_next: bool) -> list[str | int | float]:
             return [job.id, outcome, result, error, now(), k.events, self.retention, due,
-                    DEAD_MAX, k.prefix, int(take_next)]
+                    DEAD_MAX, k.prefix, int(take_next), job.attempt]
         return keys, args
 
     def may_chain(self, slot: Slot) -> bool:
@@ -627,7 +660,7 @@ class Worker:
         finally:
             slot.end()
 
-    def until_recorded(self, step: Callable[[], T]) -> T:
+    def until_recorded(self, slot: Slot, step: Callable[[], T]) -> T:
         """Run a Redis step until Redis takes it: a result is never dropped for an outage or
         a refusal."""
         delay = 0.0
@@ -637,13 +670,20 @@ class Worker:
                 self.redis_works()
                 return result
             except redis.RedisError as exc:
+                # A lost reply may have taken a job: take none until the slot's strays are back.
+                slot.next_maintain = 0.0
                 delay = self.retry_delay(exc, delay)
                 time.sleep(delay)
 
     def process(self, slot: Slot, job: Job) -> Job | None:
         """Run one job to its outcome; return the slot's next one if finishing took it."""
-        outcome = self.outcome(job, *self.run_handler(slot, job))
-        return self.until_recorded(lambda: self.finish(slot, job, *outcome))
+        try:
+            ok, value = self.run_handler(slot, job)
+        except JobTimeout:  # raised as the handler ended, before it could be withdrawn
+            slot.end()
+            ok, value = False, self.timed_out
+        outcome = self.outcome(job, ok, value)
+        return self.until_recorded(slot, lambda: self.finish(slot, job, *outcome))
 
     def work(self, slot: Slot) -> None:
         """Thread: the slot's loop, until the worker stops. Between jobs, its reclaim round when
@@ -660,7 +700,8 @@ class Worker:
         while not self.stopping:
             try:
                 if time.monotonic() >= slot.next_maintain:
-                    self.reclaim(slot.name)  # holding no job: anything in its list is a stray
+                    # holding no job: anything in its list is a stray
+                    self.reclaim(slot.name, scan=False)
                     slot.next_maintain = time.monotonic() + MAINTAIN_EVERY
                 job = self.take(slot)
                 while job is not None:
@@ -671,7 +712,8 @@ class Worker:
                 slot.next_maintain = 0.0  # a job taken but not started is put back first
                 delay = self.retry_delay(exc, delay)
                 time.sleep(delay)
-            except JobTimeout:  # raised as the handler returned: recorded, or a stray
+            except JobTimeout:  # not raised in a handler: put back whatever it interrupted
+                slot.end()
                 slot.next_maintain = 0.0
 
     # -- async handlers: the same loop, as tasks on one event loop -----------------------------
@@ -714,6 +756,7 @@ class Worker:
                     self.redis_works()
                     return taken
                 except redis.RedisError as exc:
+                    slot.next_maintain = 0.0
                     delay = self.retry_delay(exc, delay)
                     await asyncio.sleep(delay)
 
@@ -722,7 +765,8 @@ class Worker:
             try:
                 if time.monotonic() >= slot.next_maintain:
                     self.reclaimed(*await reclaim(keys=self.reclaim_keys(),
-                                                  args=self.reclaim_args((slot.name,), None)))
+                                                  args=self.reclaim_args((slot.name,), None,
+                                                                         False)))
                     slot.next_maintain = time.monotonic() + MAINTAIN_EVERY
                 job = await take()
                 while job is not None:
@@ -738,7 +782,10 @@ class Worker:
     async def run_async_handler(self, slot: Slot, job: Job) -> tuple[bool, str]:
         """Run an async handler as a task of its own (so it can be cancelled), up to the
         timeout: (True, result) or (False, error)."""
-        task = asyncio.create_task(cast(Coroutine[Any, Any, str], self.handler(job.input)))
+        try:
+            task = asyncio.create_task(cast(Coroutine[Any, Any, str], self.handler(job.input)))
+        except Exception as exc:  # not a coroutine function of one argument after all
+            return False, f"{type(exc).__name__}: {exc}"
         slot.begin(job, self.timeout, task)
         try:
             async with asyncio.timeout(self.timeout or None) as limit:
@@ -768,7 +815,8 @@ class Worker:
         exits from the keeper)."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        threading.Thread(target=self.keeper, name="keeper", daemon=True).start()
+        keeper = threading.Thread(target=self.keeper, name="keeper", daemon=True)
+        keeper.start()
         log.info("worker %s: waiting for jobs on %s, %d at a time (%s handler)", self.name,
                  self.keys.queue, len(self.slots), "async" if self.is_async else "plain")
         if self.is_async:
@@ -780,16 +828,21 @@ class Worker:
                 thread.start()
             for thread in threads:
                 thread.join()
+        self._wake.set()
+        keeper.join()  # so that no heartbeat re-registers the slots once they have left
         self.close()
         log.info("worker %s: stopped", self.name)
         return 0
 
     def close(self) -> None:
-        """Leave the worker set (holding no job)."""
+        """Leave the worker set (holding no job: whatever a slot's list holds is a stray, and
+        goes back to the queue)."""
+        names = [slot.name for slot in self.slots]
         try:
+            self.reclaim(*names, max_attempts=0, scan=False)
             with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self.keys.lease(self.name), *(slot.processing for slot in self.slots))
-                pipe.srem(self.keys.workers, *(slot.name for slot in self.slots))
+                pipe.delete(self.keys.lease(self.name))
+                pipe.srem(self.keys.workers, *names)
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not deregister (%s); the lease will expire in %.0fs",

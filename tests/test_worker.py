@@ -328,3 +328,42 @@ def test_a_late_result_of_a_timed_out_try_is_dropped(procs: Procs, r: redis.Redi
     wait_until(lambda: "dropping its result" in procs.log(worker), what="the late result")
     stored = job(r, prefix, job_id)
     assert (stored["status"], stored["result"]) == ("failed", "")
+
+
+# -- lost replies and races between a take and its start ------------------------------------------
+
+def test_a_start_sent_again_after_a_lost_reply_gives_the_same_answer(
+        r: redis.Redis, redis_url: str, prefix: str) -> None:
+    worker = Worker(redis_url, prefix=prefix)
+    slot = worker.slots[0]
+    job_id = enqueue(r, prefix, "x")
+    taken = str(r.blmove(Keys(prefix).queue, slot.processing, 1, "RIGHT", "LEFT"))
+    first, again = (worker._start(keys=[slot.processing], args=worker.start_args(taken))
+                    for _ in range(2))
+    assert first == again == [job_id, "x", 1]
+    assert job(r, prefix, job_id)["worker"] == slot.name
+    assert r.lrange(slot.processing, 0, -1) == [job_id]
+
+
+def test_a_job_reclaimed_between_its_take_and_its_start_is_not_started(
+        r: redis.Redis, redis_url: str, prefix: str) -> None:
+    paused, alive = (Worker(redis_url, prefix=prefix) for _ in range(2))
+    slot = paused.slots[0]
+    job_id = enqueue(r, prefix, "x")
+    paused.heartbeat()
+    taken = str(r.blmove(Keys(prefix).queue, slot.processing, 1, "RIGHT", "LEFT"))
+    lose(paused)  # paused past its lease between BLMOVE and START
+    assert alive.reclaim() == (1, 0)
+    assert paused._start(keys=[slot.processing], args=paused.start_args(taken)) is None
+    assert (status_of(r, prefix, job_id), r.lrange(Keys(prefix).queue, 0, -1)) == (
+        "queued", [job_id])
+    assert run_next(alive) == job_id
+
+
+def test_a_warm_stop_puts_a_stray_back(r: redis.Redis, redis_url: str, prefix: str) -> None:
+    worker = Worker(redis_url, prefix=prefix)
+    job_id = enqueue(r, prefix, "x", queue=False)
+    r.lpush(worker.slots[4].processing, job_id)  # a BLMOVE whose reply was lost
+    worker.close()
+    assert r.lrange(Keys(prefix).queue, 0, -1) == [job_id]
+    assert not processing_keys(r, prefix)
