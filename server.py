@@ -34,10 +34,11 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from worker import (
+from store import (
     PREFIX,
+    SUBMIT,
     TERMINAL,
-    WRITES,
+    WRITABLE,
     Keys,
     from_env,
     non_empty,
@@ -56,14 +57,6 @@ POOL_WAIT = 5.0  # seconds a request waits for a pooled connection before 503
 BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dropped
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 MESSAGE_FIELDS = ("id", "status", "result", "error", "attempts", "updated", "version")
-# KEYS: job, queue. ARGV: id, then the job's fields and values. Stores and queues in one step,
-# or is refused before it runs while Redis refuses writes (full, READONLY, NOREPLICAS, MISCONF).
-SUBMIT = WRITES + """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('LPUSH', KEYS[2], ARGV[1])
-"""
-# Writes nothing, but declares that it may: Redis refuses it exactly when it refuses a submit.
-WRITABLE = WRITES + "return 1"
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from worker import Keys  # noqa: E402
+from store import Keys  # noqa: E402
 
 KEYS = Keys()
 PEERS = ("arq", "rq", "saq")

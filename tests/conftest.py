@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from server import new_job
-from worker import Keys
+from store import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

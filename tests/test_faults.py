@@ -27,6 +27,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from store import Keys
 from tests.conftest import (
     Procs,
     RedisServer,
@@ -36,7 +37,6 @@ from tests.conftest import (
     processing_keys,
     wait_until,
 )
-from worker import Keys
 
 Stack = tuple[Procs, RedisServer, redis.Redis, str]
 

@@ -18,8 +18,9 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from server import make_app
+from store import Keys
 from tests.conftest import RedisServer, free_port, wait_until
-from worker import Keys, Worker
+from worker import Worker
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]

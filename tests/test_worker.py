@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import redis
 
+from store import RETENTION, Keys
 from tests.conftest import Procs, enqueue, job, processing_keys, wait_until
-from worker import RETENTION, Keys, Worker
+from worker import Worker
 
 
 def run_next(worker: Worker) -> str:
