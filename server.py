@@ -309,9 +309,9 @@ async def json_errors(
                     "Try again once workers have drained the queue") from None
     except ResponseError as exc:  # READONLY, NOREPLICAS, MISCONF, BUSY, ...
         log.warning("%s %s: redis refused: %s", request.method, request.path, redis_said(exc))
-        raise error(web.HTTPServiceUnavailable,
-                    f"the job store (Redis) refused the request; nothing was stored. Redis said: "
-                    f"{redis_said(exc)}") from None
+        stored = "; nothing was stored" if request.method == "POST" else ""
+        message = f"the job store (Redis) refused the request{stored}. Redis said: "
+        raise error(web.HTTPServiceUnavailable, message + redis_said(exc)) from None
 
 
 def new_job(text: str) -> dict[str, str | int]:
