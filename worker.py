@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any, TypeVar, cast
 
@@ -109,7 +109,7 @@ class Slot:
         self.deadline = float("inf")
         self.interrupted = False  # once per try
         self.thread_id: int | None = None
-        self.task: asyncio.Task[str] | None = None
+        self.task: asyncio.Task[Any] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopped = threading.Event()  # its loop has ended
 
@@ -117,7 +117,7 @@ class Slot:
         """True once it can take no job any more: its loop ended, or it holds one."""
         return self.stopped.is_set() or self.job is not None
 
-    def begin(self, job: Job, timeout: float, task: asyncio.Task[str] | None = None) -> None:
+    def begin(self, job: Job, timeout: float, task: asyncio.Task[Any] | None = None) -> None:
         with self.lock:
             self.job, self.task, self.interrupted = job, task, False
             self.deadline = time.monotonic() + timeout if timeout else float("inf")
@@ -133,9 +133,15 @@ class Slot:
         """Call with the lock held and a job running."""
         self.interrupted = True
         if self.task is not None and self.loop is not None:
-            self.loop.call_soon_threadsafe(self.task.cancel)
+            self.loop.call_soon_threadsafe(self.cancel, self.job)
         elif self.thread_id is not None:
             raise_in_thread(self.thread_id, exc)
+
+    def cancel(self, job: Job | None) -> None:
+        """In the event loop's thread: cancel the slot's task if it still awaits that job's
+        handler (the task is suspended there, so the cancel lands in the handler)."""
+        if self.job is job and self.task is not None:
+            self.task.cancel()
 
 
 def load_handler(spec: str) -> Handler:
@@ -541,20 +547,17 @@ class Worker:
                 await asyncio.sleep(delay)
 
     async def run_async_handler(self, slot: Slot, job: Job) -> tuple[bool, str]:
-        """Run an async handler as a task of its own (so it can be cancelled), up to the
-        timeout: (True, result) or (False, error)."""
-        try:
-            task = asyncio.create_task(cast(Coroutine[Any, Any, str], self.handler(job.input)))
-        except Exception as exc:  # not a coroutine function of one argument after all
-            return False, f"{type(exc).__name__}: {exc}"
+        """Await an async handler in the slot's own task, up to the timeout: (True, result)
+        or (False, error). Like asyncio.timeout, interrupt() cancels that task, and only while
+        the handler is awaited."""
+        task = cast(asyncio.Task[Any], asyncio.current_task())
         slot.begin(job, self.timeout, task)
         try:
             async with asyncio.timeout(self.timeout or None) as limit:
-                return True, self.checked(await task)
-        except asyncio.CancelledError:
-            if (current := asyncio.current_task()) is not None and current.cancelling():
-                raise  # the slot itself is cancelled, not only its try
-            return False, self.timed_out  # the keeper interrupted the try
+                return True, self.checked(await cast(Awaitable[str], self.handler(job.input)))
+        except asyncio.CancelledError:  # interrupted: nothing else cancels a slot's task
+            task.uncancel()
+            return False, self.timed_out
         except Exception as exc:  # the handler's failure is the job's, not the worker's
             if isinstance(exc, TimeoutError) and limit.expired():
                 return False, self.timed_out
