@@ -15,27 +15,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
 import resource
+import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from store import (
+    CANCEL,
+    LIST,
+    MAX_BULK,
     PREFIX,
+    RETENTION,
+    RETRY,
+    RUNTIME_BUCKETS,
+    STATES,
+    STATS,
     SUBMIT,
     TERMINAL,
     WRITABLE,
@@ -46,6 +59,7 @@ from store import (
     number,
     redis_said,
     redis_url,
+    rfc3339,
 )
 
 log = logging.getLogger("server")
@@ -56,6 +70,11 @@ POOL_SIZE = 128  # Redis connections; a request waits for a free one rather than
 POOL_WAIT = 5.0  # seconds a request waits for a pooled connection before 503
 BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dropped
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+CURSOR = re.compile(r"([0-9][0-9.e+]*)-([0-9a-f]{32})")  # a next_cursor of GET /jobs
+PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
+MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most
+FEED_EVERY = 0.25  # seconds between the batches of /feed
+STATIC = Path(__file__).resolve().parent / "static"  # the dashboard
 MESSAGE_FIELDS = ("id", "status", "result", "error", "attempts", "updated", "version")
 
 
@@ -74,8 +93,10 @@ class Watcher:
     def __init__(self) -> None:
         self._pending: deque[Update | None] = deque(maxlen=BACKLOG)
         self._ready = asyncio.Event()
+        self.overflowed = False  # an update was dropped: a /feed stream must start over
 
     def put(self, update: Update | None) -> None:
+        self.overflowed = self.overflowed or len(self._pending) == BACKLOG
         self._pending.append(update)
         self._ready.set()
 
@@ -129,6 +150,22 @@ class Hub:
         self.redis = redis
         self.keys = keys
         self.topics: dict[str, Topic] = {}
+        self.feeds: set[Watcher] = set()  # /feed streams: every change, in batches
+        self.batch: dict[str, str] = {}  # the newest message of each job changed since the last
+
+    def watchers(self) -> int:
+        return sum(len(topic.watchers) for topic in self.topics.values()) + len(self.feeds)
+
+    async def send_batches(self, every: float) -> None:
+        """Every `every` seconds, send the feeds what changed since: one JSON array, encoded
+        once for all, so a busy queue cannot swamp a browser."""
+        while True:
+            await asyncio.sleep(every)
+            if self.batch:
+                data = ("[" + ",".join(self.batch.values()) + "]").encode()
+                self.batch = {}
+                for feed in self.feeds:
+                    feed.put(Update(0, False, data))
 
     @contextlib.asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[Watcher | None]:
@@ -161,6 +198,8 @@ class Hub:
         for topic in self.topics.values():
             for watcher in topic.watchers:
                 watcher.put(None)
+        for feed in self.feeds:
+            feed.put(None)
 
     async def resync(self) -> None:
         """Pub/sub drops what is published while it is disconnected: re-read watched jobs."""
@@ -182,6 +221,8 @@ class Hub:
             return
         if (topic := self.topics.get(job_id)) is not None:
             topic.offer(Update(version, status in TERMINAL, data.encode()))
+        if self.feeds:
+            self.batch[job_id] = data
 
     async def listen(self) -> None:
         """Follow the events channel forever, resubscribing (and resyncing) after any loss."""
@@ -208,6 +249,14 @@ class Hub:
                 delay = min(delay * 2, 5.0)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class Scripts:
+    """The store's scripts the server runs, registered with its client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.submit, self.writable, self.cancel, self.retry, self.list, self.stats = (
+            redis.register_script(s) for s in (SUBMIT, WRITABLE, CANCEL, RETRY, LIST, STATS))
 
 
 class Pinger:
@@ -257,8 +306,10 @@ REDIS = web.AppKey("redis", Redis)
 HUB = web.AppKey("hub", Hub)
 KEYS = web.AppKey("keys", Keys)
 ORIGINS = web.AppKey("origins", frozenset)
-SUBMIT_SCRIPT = web.AppKey("submit", AsyncScript)
-WRITABLE_SCRIPT = web.AppKey("writable", AsyncScript)
+SCRIPTS = web.AppKey("scripts", Scripts)
+RETENTION_S = web.AppKey("retention", int)
+TOKEN = web.AppKey("token", str)
+REQUESTS = web.AppKey("requests", Counter)
 PINGER = web.AppKey("pinger", Pinger)
 
 
@@ -314,20 +365,82 @@ async def json_errors(
         raise error(web.HTTPServiceUnavailable, message + redis_said(exc)) from None
 
 
-def new_job(text: str) -> dict[str, str | int]:
-    """A job as first stored: every field there, queued, version 1."""
+def new_jobs(texts: list[str], due: float | None = None) -> list[dict[str, str | int]]:
+    """Jobs as first stored: every field there, queued (or delayed until `due`), version 1."""
     created = now()
-    return {"id": uuid.uuid4().hex, "input": text, "status": "queued", "result": "", "error": "",
-            "attempts": 0, "created": created, "updated": created, "version": 1}
+    fields: dict[str, str | int] = {
+        "status": "queued" if due is None else "delayed", "result": "", "error": "",
+        "attempts": 0, "created": created, "updated": created, "version": 1}
+    if due is not None:
+        fields["run_at"] = rfc3339(due)
+    return [{"id": uuid.uuid4().hex, "input": text, **fields} for text in texts]
+
+
+def submit_args(prefix: str, retention: int, jobs: list[dict[str, str | int]],
+                due: float | None) -> list[str | int | float]:
+    """The SUBMIT script's arguments for these jobs (made by new_jobs with the same due)."""
+    shared = [item for name, value in jobs[0].items() if name not in ("id", "input")
+              for item in (name, value)]
+    return [prefix, now(), retention, "" if due is None else due, len(shared) // 2, *shared,
+            *(item for job in jobs for item in (job["id"], job["input"]))]
 
 
 def job_id_of(request: web.Request) -> str:
-    job_id = request.query.get("id", "")
+    job_id = request.match_info.get("id") or request.query.get("id", "")
     if not job_id:
         raise error(web.HTTPBadRequest, "missing query parameter: id")
     if not ID_PATTERN.fullmatch(job_id):
         raise error(web.HTTPNotFound, "no job with that id")
     return job_id
+
+
+def texts_of(data: dict[str, object]) -> list[str]:
+    """The inputs of a submit: {"input": "..."} or {"inputs": ["...", ...]}."""
+    if "inputs" in data:
+        texts = data["inputs"]
+        if "input" in data:
+            raise error(web.HTTPBadRequest, 'give "input" or "inputs", not both')
+        if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_BULK:
+            raise error(web.HTTPBadRequest,
+                        f'"inputs" must be a list of 1 to {MAX_BULK} strings')
+    else:
+        texts = [data.get("input")]
+    for text in texts:
+        if not isinstance(text, str):
+            name = '"input"' if "inputs" not in data else 'every one of "inputs"'
+            raise error(web.HTTPBadRequest, f"{name} is missing or not a string")
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise error(web.HTTPBadRequest, "an input is not valid Unicode (lone surrogate)"
+                        ) from None
+    return texts  # type: ignore[return-value]  # checked above
+
+
+def due_of(data: dict[str, object]) -> float | None:
+    """When a submit wants its jobs to run (unix time), if later: "delay" seconds from now,
+    or "run_at" an RFC 3339 time with an offset."""
+    delay, run_at = data.get("delay"), data.get("run_at")
+    if delay is not None and run_at is not None:
+        raise error(web.HTTPBadRequest, 'give "delay" or "run_at", not both')
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, int | float) \
+                or not 0 <= delay <= MAX_DELAY:
+            raise error(web.HTTPBadRequest,
+                        f'"delay" must be a number of seconds from 0 to {MAX_DELAY}')
+        return time.time() + delay
+    if run_at is not None:
+        try:
+            when = datetime.fromisoformat(run_at) if isinstance(run_at, str) else None
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            raise error(web.HTTPBadRequest, '"run_at" must be an RFC 3339 time with an offset, '
+                                            'like 2026-12-01T09:30:00+01:00')
+        if when.timestamp() > time.time() + MAX_DELAY:
+            raise error(web.HTTPBadRequest, f'"run_at" must be within {MAX_DELAY} s from now')
+        return when.timestamp()
+    return None
 
 
 async def submit(request: web.Request) -> web.Response:
@@ -341,18 +454,14 @@ async def submit(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, 'body is not valid JSON; send {"input": "..."}') from None
     if not isinstance(data, dict):
         raise error(web.HTTPBadRequest, 'body must be a JSON object: {"input": "..."}')
-    text = data.get("input")
-    if not isinstance(text, str):
-        raise error(web.HTTPBadRequest, '"input" is missing or not a string')
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        raise error(web.HTTPBadRequest, '"input" is not valid Unicode (lone surrogate)') from None
-    job = new_job(text)
-    job_id, keys = str(job["id"]), request.app[KEYS]
-    fields = [item for pair in job.items() for item in pair]
-    await request.app[SUBMIT_SCRIPT](keys=[keys.job(job_id), keys.queue], args=[job_id, *fields])
-    return web.json_response(job, status=201, headers={"Location": f"/status?id={job_id}"})
+    texts, due = texts_of(data), due_of(data)
+    jobs, keys = new_jobs(texts, due), request.app[KEYS]
+    await request.app[SCRIPTS].submit(
+        keys=[keys.queue], args=submit_args(keys.prefix, request.app[RETENTION_S], jobs, due))
+    if "inputs" in data:
+        return web.json_response({"jobs": jobs}, status=201)
+    job_id = jobs[0]["id"]
+    return web.json_response(jobs[0], status=201, headers={"Location": f"/status?id={job_id}"})
 
 
 async def status(request: web.Request) -> web.Response:
@@ -367,25 +476,182 @@ async def status(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: 200 while Redis answers; the body says whether it takes writes too."""
     try:
-        await request.app[WRITABLE_SCRIPT](keys=[], args=[])
+        await request.app[SCRIPTS].writable(keys=[], args=[])
     except ResponseError as exc:
         return web.json_response({"status": "ok", "redis": f"refuses writes: {redis_said(exc)}"})
     return web.json_response({"status": "ok", "redis": "ok"})
+
+
+def common(request: web.Request) -> list[str | int]:
+    """The arguments every script takes first (see store.LUA_PRELUDE)."""
+    return [request.app[KEYS].prefix, now(), request.app[RETENTION_S]]
+
+
+async def job_reply(request: web.Request, job_id: str, status: int = 200) -> web.Response:
+    job = await read_job(request.app[REDIS], request.app[KEYS].job(job_id))
+    return web.json_response(job | {"attempts": int(job.get("attempts", 0)),
+                                    "version": int(job.get("version", 0))}, status=status)
+
+
+def conflict(job_id: str, status: str, rule: str) -> web.HTTPError:
+    return web.HTTPConflict(text=json.dumps({"error": f"job {job_id} is {status}; {rule}",
+                                             "status": status}),
+        content_type="application/json")
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """GET /jobs?status=S&limit=N&cursor=C: that state's jobs, newest first, a page at a time
+    (one script call: a ZRANGE and an HMGET per job)."""
+    status = request.query.get("status", "")
+    if status not in STATES:
+        raise error(web.HTTPBadRequest, f"status must be one of: {', '.join(STATES)}")
+    text = request.query.get("limit", str(PAGE))
+    limit = int(text) if text.isdigit() else 0
+    if not 1 <= limit <= MAX_PAGE:
+        raise error(web.HTTPBadRequest, f"limit must be a whole number from 1 to {MAX_PAGE}")
+    score, after = "+inf", ""
+    if cursor := request.query.get("cursor"):
+        if not (match := CURSOR.fullmatch(cursor)):
+            raise error(web.HTTPBadRequest, "cursor must be a next_cursor this server gave")
+        score, after = match.groups()
+    reply = await request.app[SCRIPTS].list(keys=[request.app[KEYS].index(status)],
+                                            args=[*common(request), score, after, limit])
+    next_cursor = "-".join(reply.pop()) if reply and len(reply[-1]) == 2 else None
+    jobs = [{"id": entry[0], **dict(zip(entry[1::2], entry[2::2], strict=True))}
+            for entry in reply]
+    for job in jobs:
+        job["attempts"] = int(job.get("attempts", 0))
+    return web.json_response({"jobs": jobs, "next_cursor": next_cursor})
+
+
+async def retry(request: web.Request) -> web.Response:
+    """POST /jobs/{id}/retry: a failed or cancelled job back on the queue, attempts reset."""
+    job_id = job_id_of(request)
+    was = await request.app[SCRIPTS].retry(keys=[request.app[KEYS].queue],
+                                           args=[*common(request), job_id])
+    if not was:
+        raise error(web.HTTPNotFound, "no job with that id")
+    if was not in ("failed", "cancelled"):
+        raise conflict(job_id, was, "only a failed or cancelled job can be retried")
+    return await job_reply(request, job_id)
+
+
+async def retry_failed(request: web.Request) -> web.Response:
+    """POST /jobs/retry-failed: every job on the dead-letter list back on the queue."""
+    retried = await request.app[SCRIPTS].retry(keys=[request.app[KEYS].queue],
+                                               args=[*common(request), ""])
+    return web.json_response({"retried": retried})
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """POST /jobs/{id}/cancel: a queued or delayed job ends `cancelled` now (200); a running
+    one is asked to stop (202), and ends `cancelled` once its worker has stopped it."""
+    job_id = job_id_of(request)
+    keys = request.app[KEYS]
+    was = await request.app[SCRIPTS].cancel(keys=[keys.job(job_id)],
+                                            args=[*common(request), job_id])
+    if not was:
+        raise error(web.HTTPNotFound, "no job with that id")
+    if was in TERMINAL:
+        raise conflict(job_id, was, "it has ended, and cannot be cancelled")
+    return await job_reply(request, job_id, 202 if was == "running" else 200)
+
+
+async def read_stats(request: web.Request) -> dict[str, Any]:
+    """The numbers of /stats and /metrics: one script call, and INFO memory."""
+    stats = json.loads(await request.app[SCRIPTS].stats(keys=[request.app[KEYS].queue],
+                                                        args=common(request)))
+    memory = await request.app[REDIS].info("memory")
+    return {
+        "jobs": {state: stats["jobs"][state] for state in STATES},
+        "queue_length": stats["queue_length"],
+        "delayed": stats["delayed"],
+        "dead_letter": stats["dead_letter"],
+        "oldest_queued_age": stats["oldest_queued_age"] or None,
+        "totals": {name: stats["totals"].get(name, 0) if stats["totals"] else 0
+                   for name in ("submitted", "done", "failed", "retried", "cancelled")},
+        "done_per_minute": [{"minute": rfc3339(m), "done": done, "failed": failed}
+                            for m, done, failed in stats["minutes"]],
+        "workers": sorted(({"name": w["name"], "host": w.get("host", ""),
+                            "pid": int(w.get("pid", 0)),
+                            "concurrency": int(w.get("concurrency", 0)),
+                            "running": w["running"] or [], "started": w.get("started", ""),
+                            "last_heartbeat": w.get("heartbeat", "")}
+                           for w in stats["workers"] or []), key=lambda w: w["name"]),
+        "redis": {"used_memory": memory["used_memory"], "maxmemory": memory["maxmemory"]},
+        "runtime": stats["runtime"] or {},
+    }
+
+
+async def stats(request: web.Request) -> web.Response:
+    numbers = await read_stats(request)
+    del numbers["runtime"]  # in /metrics
+    return web.json_response(numbers)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the numbers of /stats in Prometheus's text format, and this server's."""
+    s = await read_stats(request)
+    out: list[str] = []
+
+    def metric(name: str, kind: str, text: str, samples: dict[str, float]) -> None:
+        out.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
+        out.extend(f"{name}{labels} {value!r}" for labels, value in samples.items())
+
+    metric("jobs_submitted_total", "counter", "Jobs submitted.",
+           {"": s["totals"]["submitted"]})
+    metric("jobs_finished_total", "counter", "Jobs that ended, by how.",
+           {f'{{status="{k}"}}': s["totals"][k] for k in TERMINAL})
+    metric("jobs_retried_total", "counter", "Jobs sent back for another try.",
+           {"": s["totals"]["retried"]})
+    metric("jobs", "gauge", "Jobs in each state.",
+           {f'{{status="{k}"}}': n for k, n in s["jobs"].items()})
+    metric("jobs_queue_length", "gauge", "Jobs waiting on the queue.", {"": s["queue_length"]})
+    metric("jobs_dead_letter", "gauge", "Ids on the dead-letter list.", {"": s["dead_letter"]})
+    metric("jobs_oldest_queued_age_seconds", "gauge",
+           "How long the oldest queued job has waited (0: none waits).",
+           {"": s["oldest_queued_age"] or 0})
+    metric("jobs_workers", "gauge", "Workers alive.", {"": len(s["workers"])})
+    metric("jobs_worker_slots", "gauge", "Jobs the workers alive can run at once.",
+           {"": sum(w["concurrency"] for w in s["workers"])})
+    runtime, cumulative = s["runtime"], 0
+    buckets = {}
+    for bound in (*(f"{b:g}" for b in RUNTIME_BUCKETS), "+Inf"):
+        cumulative += runtime.get(bound, 0)
+        buckets[f'_bucket{{le="{bound}"}}'] = cumulative
+    metric("jobs_run_seconds", "histogram", "How long tries ran.",
+           buckets | {"_sum": runtime.get("sum", 0), "_count": runtime.get("count", 0)})
+    metric("redis_used_memory_bytes", "gauge", "Memory Redis uses.",
+           {"": s["redis"]["used_memory"]})
+    metric("redis_maxmemory_bytes", "gauge", "Redis's maxmemory (0: no limit).",
+           {"": s["redis"]["maxmemory"]})
+    metric("server_watchers", "gauge", "Streams this server has open (/ws, /events, /feed).",
+           {"": request.app[HUB].watchers()})
+    metric("server_requests_total", "counter", "Requests this server answered.",
+           {f'{{route="{route}",code="{code}"}}': n
+            for (route, code), n in sorted(request.app[REQUESTS].items())})
+    return web.Response(body="\n".join(out).encode() + b"\n",
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 @contextlib.asynccontextmanager
 async def watching(request: web.Request) -> AsyncIterator[Watcher]:
     """Check the request, then watch the job; its current state is the first message."""
     job_id = job_id_of(request)
+    check_origin(request)
+    async with request.app[HUB].watch(job_id) as watcher:
+        if watcher is None:
+            raise error(web.HTTPNotFound, "no job with that id")
+        yield watcher
+
+
+def check_origin(request: web.Request) -> None:
+    """A browser's request from another site: refused, unless that origin is allowed."""
     origin = request.headers.get("Origin")
     allowed = request.app[ORIGINS]
     if origin is not None and "*" not in allowed and origin not in allowed \
             and origin != f"{request.scheme}://{request.host}":
         raise error(web.HTTPForbidden, f"origin {origin} is not allowed")
-    async with request.app[HUB].watch(job_id) as watcher:
-        if watcher is None:
-            raise error(web.HTTPNotFound, "no job with that id")
-        yield watcher
 
 
 async def relay(watcher: Watcher, send: Callable[[Update], Awaitable[object]],
@@ -474,6 +740,115 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def feed(request: web.Request) -> web.StreamResponse:
+    """GET /feed: every change in the deployment, as SSE events each holding a JSON array of
+    job messages, at most one per FEED_EVERY s. A reader too slow for it is cut off (its
+    EventSource reconnects; the page then reads the state afresh)."""
+    check_origin(request)
+    hub, watcher = request.app[HUB], Watcher()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    hub.feeds.add(watcher)
+    try:
+        await response.prepare(request)
+        await response.write(b": connected\n\n")
+        while not watcher.overflowed:
+            try:
+                update = await asyncio.wait_for(watcher.get(), request.app[PINGER].interval)
+            except TimeoutError:
+                await response.write(b": keepalive\n\n")
+                continue
+            if update is None:
+                break
+            await response.write(b"data: %b\n\n" % update.data)
+    except ConnectionError:
+        pass  # the client went away
+    finally:
+        hub.feeds.discard(watcher)
+    return response
+
+
+# -- access control, the dashboard, and counting requests ------------------------------------
+
+COOKIE = "jobs_token"
+OPEN = frozenset({"/", "/healthz", "/login"})  # with /static/: no token needed
+
+
+def signed_in(request: web.Request) -> bool:
+    token = request.app[TOKEN]
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = request.cookies.get(COOKIE, "")
+    return not token or hmac.compare_digest(given.encode(), token.encode())
+
+
+@web.middleware
+async def access(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """With a token set, every request but OPEN ones needs it (a Bearer header, or the cookie
+    /login sets); a browser's POST must come from this server's origin (or an allowed one)."""
+    if not (request.path in OPEN or request.path.startswith("/static/") or signed_in(request)):
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": "a token is needed: send Authorization: Bearer <token>"}),
+            content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+    if request.method == "POST":
+        check_origin(request)
+    return await handler(request)
+
+
+@web.middleware
+async def count_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Count what this server answered, by route and status code, for /metrics."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    code = 500
+    try:
+        response = await handler(request)
+        code = response.status
+        return response
+    except web.HTTPException as exc:
+        code = exc.status
+        raise
+    finally:
+        request.app[REQUESTS][route, code] += 1
+
+
+async def login(request: web.Request) -> web.Response:
+    """POST /login {"token": "..."}: the dashboard's sign-in, kept in an HttpOnly cookie."""
+    try:
+        given = (await request.json()).get("token")
+    except (ValueError, AttributeError):
+        given = None
+    if not isinstance(given, str):
+        raise error(web.HTTPBadRequest, 'send {"token": "..."}')
+    token = request.app[TOKEN]
+    if token and not hmac.compare_digest(given.encode(), token.encode()):
+        raise error(web.HTTPUnauthorized, "wrong token")
+    response = web.Response(status=204)
+    if token:
+        response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
+                            secure=request.secure)
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    response = web.Response(status=204)
+    response.del_cookie(COOKIE, path="/")
+    return response
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """GET /auth: 401 if a token is needed and missing (see access()), else whether one is."""
+    return web.json_response({"auth": "ok" if request.app[TOKEN] else "none"})
+
+
+async def dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
 def make_app(
     redis_url: str,
     *,
@@ -481,12 +856,19 @@ def make_app(
     allowed_origins: frozenset[str] = frozenset(),
     max_input_bytes: int = MAX_INPUT_BYTES,
     heartbeat: float = HEARTBEAT,
+    retention: int = RETENTION,
+    token: str = "",
 ) -> web.Application:
-    """The application; its Redis client and pub/sub listener live as long as it runs."""
-    app = web.Application(middlewares=[json_errors], client_max_size=max_input_bytes)
+    """The application; its Redis client and pub/sub listener live as long as it runs. With a
+    token, every request but /healthz and the dashboard's files must carry it."""
+    app = web.Application(middlewares=[count_requests, json_errors, access],
+                          client_max_size=max_input_bytes)
     app[KEYS] = Keys(prefix)
     app[ORIGINS] = allowed_origins
     app[PINGER] = Pinger(heartbeat)
+    app[RETENTION_S] = retention
+    app[TOKEN] = token
+    app[REQUESTS] = Counter()
 
     async def redis_client(app: web.Application) -> AsyncIterator[None]:
         pool = BlockingConnectionPool.from_url(
@@ -496,14 +878,14 @@ def make_app(
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         )
         app[REDIS] = Redis.from_pool(pool)
-        app[SUBMIT_SCRIPT] = app[REDIS].register_script(SUBMIT)
-        app[WRITABLE_SCRIPT] = app[REDIS].register_script(WRITABLE)
+        app[SCRIPTS] = Scripts(app[REDIS])
         yield
         await app[REDIS].aclose()
 
     async def listener(app: web.Application) -> AsyncIterator[None]:
         app[HUB] = hub = Hub(app[REDIS], app[KEYS])
-        tasks = [asyncio.create_task(hub.listen()), asyncio.create_task(app[PINGER].run())]
+        tasks = [asyncio.create_task(hub.listen()), asyncio.create_task(app[PINGER].run()),
+                 asyncio.create_task(hub.send_batches(FEED_EVERY))]
         yield
         for task in tasks:
             await cancel_and_wait(task)
@@ -518,7 +900,27 @@ def make_app(
     app.router.add_get("/ws", websocket)
     app.router.add_get("/events", events)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/jobs", list_jobs)
+    app.router.add_post("/jobs/retry-failed", retry_failed)
+    app.router.add_post("/jobs/{id}/retry", retry)
+    app.router.add_post("/jobs/{id}/cancel", cancel)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/feed", feed)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/auth", whoami)
+    app.router.add_get("/", dashboard)
+    app.router.add_static("/static", STATIC)
     return app
+
+
+def loopback(host: str) -> bool:
+    """Whether an address to listen on can only be reached from this machine."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -542,10 +944,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix", type=non_empty,
                         default=from_env(parser, "JOBS_PREFIX", non_empty, PREFIX),
                         help="key prefix of this deployment (env JOBS_PREFIX; default %(default)s)")
+    parser.add_argument("--retention", type=size,
+                        default=from_env(parser, "JOBS_RETENTION", size, RETENTION),
+                        help="seconds a cancelled job is kept, as worker.py keeps finished "
+                             "ones (env JOBS_RETENTION; default %(default)s)")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument("--token", type=non_empty,
+                        default=from_env(parser, "JOBS_TOKEN", non_empty, None),
+                        help="require this token of every client (env JOBS_TOKEN; prefer it or "
+                             "--token-file: a flag shows in the process list)")
+    secret.add_argument("--token-file", type=argparse.FileType("r"),
+                        help="read the token from the first line of this file")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="listen on a non-loopback address without a token (only behind "
+                             "something that checks who may connect)")
     parser.add_argument("--check", action="store_true",
                         help="check the settings, then exit 0 without starting "
                              "(Redis is not contacted)")
     args = parser.parse_args(argv)
+    token = args.token or ""
+    if args.token_file is not None:
+        with args.token_file:
+            token = args.token_file.readline().strip()
+        if not token:
+            parser.error(f"argument --token-file: {args.token_file.name} holds no token")
+    if not (token or args.insecure_no_auth or loopback(args.host)):
+        parser.exit(2, f"server: refusing to listen on {args.host} without a token: anyone who "
+                       f"can reach it could read, submit and cancel jobs. Set JOBS_TOKEN (or "
+                       f"--token-file), listen on 127.0.0.1, or pass --insecure-no-auth.\n")
     if args.check:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(message)s")
@@ -553,7 +979,7 @@ def main(argv: list[str] | None = None) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     origins = frozenset(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     app = make_app(args.redis_url, prefix=args.prefix, allowed_origins=origins,
-                   max_input_bytes=args.max_input_bytes)
+                   max_input_bytes=args.max_input_bytes, retention=args.retention, token=token)
     try:
         web.run_app(app, host=args.host, port=args.port, shutdown_timeout=2.0,
                     access_log=None, print=lambda _: log.info("listening on http://%s:%d",

@@ -18,9 +18,13 @@ import redis
 from redis.connection import parse_url
 
 PREFIX = "{jobs}"  # the braces are a Redis Cluster hash tag: all keys share one slot
-TERMINAL = ("done", "failed")
+STATES = ("queued", "delayed", "running", "done", "failed", "cancelled")
+TERMINAL = ("done", "failed", "cancelled")
 RETENTION = 86_400  # seconds a finished job is kept
 DEAD_MAX = 10_000  # ids kept on the dead-letter list
+MAX_BULK = 1_000  # jobs one submit may carry
+# Upper bounds (seconds) of the run-time histogram's buckets, as Prometheus counts them.
+RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
@@ -40,23 +44,29 @@ class Job(NamedTuple):
 
 
 class Keys:
-    """Every Redis key of one deployment; all share the prefix and so one cluster slot."""
+    """Every Redis key of one deployment; all share the prefix and so one cluster slot. The
+    scripts build the same names from the prefix (see LUA_PRELUDE)."""
 
     def __init__(self, prefix: str = PREFIX) -> None:
         self.prefix = prefix
         self.queue = f"{prefix}:queue"  # list of ids; LPUSH to add, BLMOVE from the right to take
-        self.delayed = f"{prefix}:delayed"  # sorted set: ids waiting out a retry, by due time
+        self.delayed = f"{prefix}:delayed"  # sorted set: ids of delayed jobs, by due time
         self.dead = f"{prefix}:dead"  # list of ids of failed jobs, newest first
         self.workers = f"{prefix}:workers"  # set of slots (<worker>/<n>) that may hold jobs
         self.events = f"{prefix}:events"  # pub/sub channel: one JSON message per change
+        self.counters = f"{prefix}:counters"  # hash: submitted, done, failed, retried, cancelled
+        self.runtime = f"{prefix}:runtime"  # hash: the run-time histogram (see RUNTIME_BUCKETS)
 
     def job(self, job_id: str) -> str:  # hash: the job's fields
         return f"{self.prefix}:job:{job_id}"
 
+    def index(self, status: str) -> str:  # sorted set: ids in that state, by when they entered
+        return f"{self.prefix}:index:{status}"
+
     def processing(self, slot: str) -> str:  # list of the id the slot has taken (or none)
         return f"{self.prefix}:processing:{slot}"
 
-    def lease(self, worker: str) -> str:  # exists while the worker is alive (TTL --lease)
+    def lease(self, worker: str) -> str:  # hash: the worker's host, pid...; TTL --lease
         return f"{self.prefix}:lease:{worker}"
 
 
@@ -65,164 +75,381 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def rfc3339(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="microseconds")
+
+
+def bucket(seconds: float) -> str:
+    """The run-time histogram bucket of a try that took this long: its upper bound, or +Inf."""
+    return next((f"{b:g}" for b in RUNTIME_BUCKETS if seconds <= b), "+Inf")
+
+
 # Redis 7 script flags, checked before a script runs, so a refused script has written nothing.
 # WRITES: refused while Redis refuses writes (full, READONLY, NOREPLICAS, MISCONF). ALLOW_OOM:
 # refused for all of those but a full memory, for scripts that free memory or cost next to none
-# (finishing and reclaiming jobs, renewing the lease), so that workers drain a full Redis.
+# (finishing, cancelling and reclaiming jobs, renewing the lease), so that workers drain a full
+# Redis. READS: writes nothing, so runs whatever Redis refuses.
 WRITES = "#!lua\n"
 ALLOW_OOM = "#!lua flags=allow-oom\n"
+READS = "#!lua flags=no-writes\n"
 
-# Lua shared by the scripts: emit() publishes the job's state as JSON after every change, and
-# bump() stamps a change; every change raises `version`, so watchers can drop stale messages.
+# Lua shared by the scripts. Every script takes ARGV[1] = prefix, ARGV[2] = now (RFC 3339),
+# ARGV[3] = retention, and its own arguments after those; it names the keys from the prefix
+# (all in the prefix's slot; KEYS[1] routes the call). bump() is every change of state: it
+# stamps it, raises `version` (so watchers drop stale messages) and moves the id between the
+# state indexes (sorted by Redis's clock in microseconds); emit() publishes the new state.
 LUA_PRELUDE = """
-local function emit(key, channel)
-  local f = redis.call('HMGET', key, 'id', 'status', 'result', 'error', 'attempts', 'updated',
-                      'version')
-  redis.call('PUBLISH', channel, cjson.encode({id = f[1], status = f[2], result = f[3] or '',
-    error = f[4] or '', attempts = tonumber(f[5]) or 0, updated = f[6], version = tonumber(f[7])}))
+local P, NOW, RETENTION = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local function job_key(id) return P .. ':job:' .. id end
+local function clock()  -- Redis's time: unix seconds, and microseconds as a score string
+  local t = redis.call('TIME')
+  return tonumber(t[1]), t[1] .. string.format('%06d', t[2])
 end
-local function bump(key, status, now)
-  redis.call('HSET', key, 'status', status, 'updated', now)
+local function emit(id)
+  local f = redis.call('HMGET', job_key(id), 'status', 'result', 'error', 'attempts', 'updated',
+                      'version')
+  redis.call('PUBLISH', P .. ':events', cjson.encode({id = id, status = f[1],
+    result = f[2] or '', error = f[3] or '', attempts = tonumber(f[4]) or 0, updated = f[5],
+    version = tonumber(f[6])}))
+end
+local function bump(id, status)
+  local key = job_key(id)
+  local old = redis.call('HGET', key, 'status')
+  if old then redis.call('ZREM', P .. ':index:' .. old, id) end
+  local _, score = clock()
+  redis.call('ZADD', P .. ':index:' .. status, score, id)
+  redis.call('HSET', key, 'status', status, 'updated', NOW)
   redis.call('HINCRBY', key, 'version', 1)
 end
--- Fail a job for good: kept `retention` seconds, its id at the head of the dead-letter list.
-local function fail(key, id, error, now, retention, dead, dead_max)
-  bump(key, 'failed', now)
-  redis.call('HSET', key, 'error', error)
-  redis.call('EXPIRE', key, retention)
-  redis.call('LPUSH', dead, id)
-  redis.call('LTRIM', dead, 0, dead_max - 1)
+local function count(name, n) redis.call('HINCRBY', P .. ':counters', name, n or 1) end
+-- End a job: it, and its place in its state's index, are kept RETENTION seconds; counted in
+-- the totals and (done, failed) in its minute's.
+local function ended(id, status)
+  bump(id, status)
+  local seconds, index = clock(), P .. ':index:' .. status
+  redis.call('EXPIRE', job_key(id), RETENTION)
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. (seconds - RETENTION) .. '000000')
+  redis.call('EXPIRE', index, RETENTION)
+  count(status)
+  if status ~= 'cancelled' then
+    local minute = P .. ':minute:' .. math.floor(seconds / 60)
+    redis.call('HINCRBY', minute, status, 1)
+    redis.call('EXPIRE', minute, 7200)
+  end
+end
+-- Fail a job for good, its id at the head of the dead-letter list.
+local function fail(id, error)
+  ended(id, 'failed')
+  redis.call('HSET', job_key(id), 'error', error)
+  redis.call('LPUSH', P .. ':dead', id)
+  redis.call('LTRIM', P .. ':dead', 0, DEAD_MAX - 1)
 end
 -- Mark a job just moved into `processing` (a slot's list) running: {id, input, attempt}, and
 -- record the slot in its `worker` field. False, and nothing done, if it is no longer in the
 -- list (reclaimed meanwhile); false, and dropped from the list, if it is not `queued` (a
--- duplicate entry, or finished). Run twice for one take (a reply lost), the same answer.
-local function start(prefix, processing, id, now, channel)
-  local key = prefix .. ':job:' .. id
+-- duplicate entry, cancelled, or finished). Run twice for one take (a reply lost), the same
+-- answer.
+local function start(processing, id)
+  local key = job_key(id)
   if not redis.call('LPOS', processing, id) then return false end
-  local slot = string.sub(processing, #prefix + 13)  -- after '<prefix>:processing:'
+  local slot = string.sub(processing, #P + 13)  -- after '<prefix>:processing:'
   local f = redis.call('HMGET', key, 'status', 'worker', 'input', 'attempts')
   if f[1] == 'running' and f[2] == slot then return {id, f[3], tonumber(f[4])} end
   if f[1] ~= 'queued' then
     redis.call('LREM', processing, 1, id)
     return false
   end
-  bump(key, 'running', now)
+  bump(id, 'running')
   redis.call('HSET', key, 'worker', slot)
   local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-  emit(key, channel)
+  emit(id)
   return {id, f[3], attempts}
 end
-"""
+""".replace("DEAD_MAX", str(DEAD_MAX))
 
-# KEYS: job, queue. ARGV: id, then the job's fields and values. Stores and queues in one step,
-# or is refused before it runs while Redis refuses writes (full, READONLY, NOREPLICAS, MISCONF).
-SUBMIT = WRITES + """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('LPUSH', KEYS[2], ARGV[1])
+# KEYS: queue. ARGV: (prefix, now, retention), due (unix time, or '' to queue now), n, then
+# n field-value pairs every job gets, then id-input pairs: one per job. Stores and queues (or
+# delays) them all in one step, or none: refused before it runs while Redis refuses writes.
+SUBMIT = WRITES + LUA_PRELUDE + """
+local due, n = ARGV[4], tonumber(ARGV[5])
+local fields = {unpack(ARGV, 6, 5 + 2 * n)}
+local status = due == '' and 'queued' or 'delayed'
+local _, score = clock()
+local jobs = 0
+for i = 6 + 2 * n, #ARGV, 2 do
+  local id = ARGV[i]
+  redis.call('HSET', job_key(id), 'id', id, 'input', ARGV[i + 1], unpack(fields))
+  redis.call('ZADD', P .. ':index:' .. status, score, id)
+  if due == '' then
+    redis.call('LPUSH', KEYS[1], id)
+  else
+    redis.call('ZADD', P .. ':delayed', due, id)
+  end
+  emit(id)
+  jobs = jobs + 1
+end
+count('submitted', jobs)
 """
 # Writes nothing, but declares that it may: Redis refuses it exactly when it refuses a submit.
 WRITABLE = WRITES + "return 1"
 
-# KEYS: processing. ARGV: prefix, id (just taken by BLMOVE), now, channel.
+# KEYS: processing. ARGV: (prefix, now, retention), id (just taken by BLMOVE).
 START = ALLOW_OOM + LUA_PRELUDE + """
-return start(ARGV[1], KEYS[1], ARGV[2], ARGV[3], ARGV[4])
+return start(KEYS[1], ARGV[4])
 """
 
-# KEYS: job, processing, dead, delayed, queue. ARGV: id, outcome (done/failed/retry), result,
-# error, now, channel, retention, due time, dead max, prefix, take next (1/0), attempt. Returns
-# {held, next}: held is 0 if the slot no longer holds this try of the job (the job was
-# reclaimed, or the keeper recorded the try timed out: that outcome stands); next is the next
-# job, taken and started in the same round trip (as by START), or nil: none waiting, or not
-# asked for. Registered twice: with WRITES to take the next job, and with ALLOW_OOM to finish
-# alone when Redis is full (a new job waits, as BLMOVE does, until memory is back).
+# KEYS: job, processing, queue. ARGV: (prefix, now, retention), id, outcome (done, failed,
+# retry, cancelled), result, error, due (unix; retry), run_at (RFC 3339; retry), take next
+# (1/0), attempt, run time (seconds), its histogram bucket. Returns {held, next}: held is 0 if
+# the slot no longer holds this try of the job (reclaimed, or recorded by the keeper: timed
+# out, cancelled); next is the next job, taken and started in the same round trip (as by
+# START), or nil: none waiting, or not asked for. A job asked to stop ends `cancelled`,
+# whatever the try's outcome. Registered twice: with WRITES to take the next job, and with
+# ALLOW_OOM to finish alone when Redis is full (a new job waits, as BLMOVE does, for memory).
 FINISH = LUA_PRELUDE + """
+local id, outcome = ARGV[4], ARGV[5]
 local held = 0
-if redis.call('HGET', KEYS[1], 'attempts') == ARGV[12] then
-  held = redis.call('LREM', KEYS[2], 1, ARGV[1])
+if redis.call('HGET', KEYS[1], 'attempts') == ARGV[11] then
+  held = redis.call('LREM', KEYS[2], 1, id)
 end
 if held == 1 then
-  if ARGV[2] == 'retry' then
-    bump(KEYS[1], 'queued', ARGV[5])
-    redis.call('HSET', KEYS[1], 'error', ARGV[4])
-    redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
-  elseif ARGV[2] == 'failed' then
-    fail(KEYS[1], ARGV[1], ARGV[4], ARGV[5], ARGV[7], KEYS[3], ARGV[9])
+  if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then outcome = 'cancelled' end
+  if outcome == 'retry' then
+    bump(id, 'delayed')
+    redis.call('HSET', KEYS[1], 'error', ARGV[7], 'run_at', ARGV[9])
+    redis.call('ZADD', P .. ':delayed', ARGV[8], id)
+    count('retried')
+  elseif outcome == 'failed' then
+    fail(id, ARGV[7])
+  elseif outcome == 'cancelled' then
+    ended(id, 'cancelled')
   else
-    bump(KEYS[1], 'done', ARGV[5])
-    redis.call('HSET', KEYS[1], 'result', ARGV[3], 'error', '')
-    redis.call('EXPIRE', KEYS[1], ARGV[7])
+    ended(id, 'done')
+    redis.call('HSET', KEYS[1], 'result', ARGV[6], 'error', '')
   end
-  emit(KEYS[1], ARGV[6])
+  redis.call('HINCRBY', P .. ':runtime', ARGV[13], 1)
+  redis.call('HINCRBY', P .. ':runtime', 'count', 1)
+  redis.call('HINCRBYFLOAT', P .. ':runtime', 'sum', ARGV[12])
+  emit(id)
 end
 local job = false
-while ARGV[11] == '1' and not job do
-  local id = redis.call('LMOVE', KEYS[5], KEYS[2], 'RIGHT', 'LEFT')
-  if not id then break end
-  job = start(ARGV[10], KEYS[2], id, ARGV[5], ARGV[6])
+while ARGV[10] == '1' and not job do
+  local next = redis.call('LMOVE', KEYS[3], KEYS[2], 'RIGHT', 'LEFT')
+  if not next then break end
+  job = start(KEYS[2], next)
 end
 return {held, job}
 """
 
-# KEYS: queue, workers, dead, delayed. ARGV: prefix, channel, now, now (unix), max attempts
-# (0: no limit), retention, dead max, scan (1/0), then slots that hold no job now (their lists
-# hold only strays: a BLMOVE whose reply was lost). Puts back at the head of the queue the
-# unfinished jobs of those slots and, with scan, of every slot whose worker's lease expired
-# (which also leave the set of slots), failing those out of attempts, and moves retries that
-# are due onto the queue. A slot is named <worker>/<n>; the lease is the worker's.
+# KEYS: queue. ARGV: (prefix, now, retention), now (unix), max attempts (0: no limit), scan
+# (1/0), worker ('' or the name whose stop requests to return), then slots that hold no job now
+# (their lists hold only strays: a BLMOVE whose reply was lost). Puts back at the head of the
+# queue the unfinished jobs of those slots and, with scan, of every slot whose worker's lease
+# expired (which also leave the set of slots), failing those out of attempts and cancelling
+# those asked to stop; queues the delayed jobs that are due. Returns {requeued, queued from
+# delayed, ids of the worker's running jobs asked to stop}. A slot is named <worker>/<n>.
 RECLAIM = ALLOW_OOM + LUA_PRELUDE + """
-local prefix, channel, now = ARGV[1], ARGV[2], ARGV[3]
 local max, moved = tonumber(ARGV[5]), 0
-local scan, idle, lost, alive = ARGV[8] == '1', {}, {}, {}
-for i = 9, #ARGV do idle[ARGV[i]] = true end
-for _, w in ipairs(scan and redis.call('SMEMBERS', KEYS[2]) or {}) do
+local scan, idle, lost, alive = ARGV[6] == '1', {}, {}, {}
+for i = 8, #ARGV do idle[ARGV[i]] = true end
+for _, w in ipairs(scan and redis.call('SMEMBERS', P .. ':workers') or {}) do
   local owner = string.match(w, '^(.+)/%d+$') or w
   if alive[owner] == nil then
-    alive[owner] = redis.call('EXISTS', prefix .. ':lease:' .. owner) == 1
+    alive[owner] = redis.call('EXISTS', P .. ':lease:' .. owner) == 1
   end
   if not idle[w] and not alive[owner] then lost[#lost + 1] = w end
 end
 local function requeue(w)
-  local processing = prefix .. ':processing:' .. w
+  local processing = P .. ':processing:' .. w
   for _, id in ipairs(redis.call('LRANGE', processing, 0, -1)) do
-    local key = prefix .. ':job:' .. id
-    local status = redis.call('HGET', key, 'status')
-    if status == 'running' or status == 'queued' then
-      local attempts = tonumber(redis.call('HGET', key, 'attempts')) or 0
-      if status == 'running' and max > 0 and attempts >= max then
-        fail(key, id, 'worker ' .. w .. ' stopped on the last attempt', now, ARGV[6], KEYS[3],
-             ARGV[7])
-      else
-        if status == 'running' then
-          bump(key, 'queued', now)
-          redis.call('HSET', key, 'error', 'worker ' .. w .. ' stopped before finishing; retrying')
-        end
-        redis.call('RPUSH', KEYS[1], id)
+    local key = job_key(id)
+    local f = redis.call('HMGET', key, 'status', 'attempts', 'cancel_requested')
+    local status, attempts = f[1], tonumber(f[2]) or 0
+    if status == 'running' and f[3] then
+      ended(id, 'cancelled')
+    elseif status == 'running' and max > 0 and attempts >= max then
+      fail(id, 'worker ' .. w .. ' stopped on the last attempt')
+    elseif status == 'running' or status == 'queued' then
+      if status == 'running' then
+        bump(id, 'queued')
+        redis.call('HSET', key, 'error', 'worker ' .. w .. ' stopped before finishing; retrying')
+        count('retried')
       end
-      if status == 'running' then emit(key, channel) end
-      moved = moved + 1
+      redis.call('RPUSH', KEYS[1], id)
     end
+    if status == 'running' then emit(id) end
+    if status == 'running' or status == 'queued' then moved = moved + 1 end
   end
   redis.call('DEL', processing)
 end
 for w in pairs(idle) do requeue(w) end
 for _, w in ipairs(lost) do
   requeue(w)
-  redis.call('SREM', KEYS[2], w)
+  redis.call('SREM', P .. ':workers', w)
 end
-local due = scan and redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[4], 'LIMIT', 0, 1000) or {}
+local due = scan and redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', ARGV[4], 'LIMIT', 0,
+                                1000) or {}
 for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[4], id)
-  redis.call('LPUSH', KEYS[1], id)
+  redis.call('ZREM', P .. ':delayed', id)
+  local status = redis.call('HGET', job_key(id), 'status')
+  if status == 'delayed' then
+    bump(id, 'queued')
+    emit(id)
+  end
+  if status == 'delayed' or status == 'queued' then redis.call('LPUSH', KEYS[1], id) end
 end
-return {moved, #due}
+local stop = {}
+if ARGV[7] ~= '' then
+  stop = redis.call('SMEMBERS', P .. ':stop:' .. ARGV[7])
+  redis.call('DEL', P .. ':stop:' .. ARGV[7])
+end
+return {moved, #due, stop}
 """
 
-# KEYS: lease, workers. ARGV: lease in ms, then the worker's slots. Renews the lease, and
-# (re-)registers the slots.
-LEASE = ALLOW_OOM + """
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-redis.call('SADD', KEYS[2], unpack(ARGV, 2))
+# KEYS: lease. ARGV: (prefix, now, retention), lease in ms, host, pid, concurrency, started,
+# then the worker's slots. Renews the lease (a hash saying who the worker is and when it was
+# last heard of) and (re-)registers the slots.
+LEASE = ALLOW_OOM + LUA_PRELUDE + """
+redis.call('HSET', KEYS[1], 'host', ARGV[5], 'pid', ARGV[6], 'concurrency', ARGV[7],
+           'started', ARGV[8], 'heartbeat', NOW)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SADD', P .. ':workers', unpack(ARGV, 9))
+"""
+
+# KEYS: job. ARGV: (prefix, now, retention), id. A queued or delayed job is taken off the queue
+# or the delayed set and ends `cancelled`; a running one gets `cancel_requested` and its id is
+# handed to its worker (which stops it within a second, and records it, or, should that worker
+# be dead, whoever reclaims its jobs does). Returns the status it had ('' if no such job).
+CANCEL = ALLOW_OOM + LUA_PRELUDE + """
+local id = ARGV[4]
+local f = redis.call('HMGET', KEYS[1], 'status', 'worker', 'cancel_requested')
+local status = f[1] or ''
+if status == 'queued' or status == 'delayed' then
+  redis.call('LREM', P .. ':queue', 0, id)  -- none if a worker took it: start() will drop it
+  redis.call('ZREM', P .. ':delayed', id)
+  ended(id, 'cancelled')
+  emit(id)
+elseif status == 'running' and not f[3] then
+  redis.call('HSET', KEYS[1], 'cancel_requested', NOW)
+  local stop = P .. ':stop:' .. (string.match(f[2] or '', '^(.+)/%d+$') or '')
+  redis.call('SADD', stop, id)
+  redis.call('EXPIRE', stop, RETENTION)
+end
+return status
+"""
+
+# KEYS: queue. ARGV: (prefix, now, retention), id, or '' for every job on the dead-letter list.
+# Puts a failed or cancelled job back on the queue with its attempts reset. Returns the status
+# it had ('' if no such job) for one, and how many went back for all.
+RETRY = WRITES + LUA_PRELUDE + """
+local function retry(id, one)
+  local key = job_key(id)
+  local status = redis.call('HGET', key, 'status') or ''
+  if status == 'failed' or status == 'cancelled' then
+    if one then redis.call('LREM', P .. ':dead', 0, id) end
+    redis.call('PERSIST', key)
+    bump(id, 'queued')
+    redis.call('HSET', key, 'attempts', 0, 'result', '', 'error', '')
+    redis.call('HDEL', key, 'cancel_requested', 'run_at')
+    redis.call('LPUSH', KEYS[1], id)
+    count('retried')
+    emit(id)
+  end
+  return status
+end
+if ARGV[4] ~= '' then return retry(ARGV[4], true) end
+local retried = 0
+for _, id in ipairs(redis.call('LRANGE', P .. ':dead', 0, -1)) do
+  if retry(id, false) == 'failed' then retried = retried + 1 end
+end
+redis.call('DEL', P .. ':dead')
+return retried
+"""
+
+# KEYS: the index of a state. ARGV: (prefix, now, retention), the score and the id of the last
+# job of the previous page ('+inf' and '' for the first page), limit. The next page of that
+# state's jobs, newest first: {{id, field, value, ...}, ...}, plus the cursor of the page after
+# as a last element {score, id} when there is one. Jobs whose hash has expired are skipped. Cuts
+# input and result to 256 bytes (at a UTF-8 character boundary).
+LIST = READS + LUA_PRELUDE + """
+local max, after, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local fields = {'status', 'input', 'result', 'error', 'attempts', 'created', 'updated', 'run_at',
+                'worker', 'cancel_requested'}
+local function cut(s)
+  if #s <= 256 then return s end
+  local n = 256
+  while n > 0 and string.byte(s, n + 1) >= 128 and string.byte(s, n + 1) < 192 do n = n - 1 end
+  return string.sub(s, 1, n)
+end
+local jobs, offset, cursor = {}, 0, nil
+while #jobs <= limit do
+  local batch = redis.call('ZRANGE', KEYS[1], max, '-inf', 'BYSCORE', 'REV', 'LIMIT', offset,
+                           limit + 1 - #jobs, 'WITHSCORES')
+  if #batch == 0 then break end
+  offset = offset + #batch / 2
+  for i = 1, #batch, 2 do
+    local id, score = batch[i], batch[i + 1]
+    if not (score == max and id >= after) then  -- a tie the previous page ended in
+      local f = redis.call('HMGET', job_key(id), unpack(fields))
+      if f[1] and #jobs < limit then
+        local job = {id}
+        for j, name in ipairs(fields) do
+          if f[j] then
+            job[#job + 1] = name
+            job[#job + 1] = (name == 'input' or name == 'result') and cut(f[j]) or f[j]
+          end
+        end
+        jobs[#jobs + 1] = job
+        cursor = {score, id}
+      elseif f[1] then
+        jobs[#jobs + 1] = cursor  -- there is more: end with the cursor of this page's last
+        return jobs
+      end
+    end
+  end
+end
+return jobs
+"""
+
+# KEYS: queue. ARGV: (prefix, now, retention). The numbers of /stats and /metrics as JSON.
+STATS = READS + LUA_PRELUDE + """
+local seconds, score = clock()
+local out = {jobs = {}, totals = {}, minutes = {}, workers = {}, runtime = {}}
+for _, s in ipairs({'queued', 'delayed', 'running', 'done', 'failed', 'cancelled'}) do
+  out.jobs[s] = redis.call('ZCARD', P .. ':index:' .. s)
+end
+out.queue_length = redis.call('LLEN', KEYS[1])
+out.delayed = redis.call('ZCARD', P .. ':delayed')
+out.dead_letter = redis.call('LLEN', P .. ':dead')
+local oldest = redis.call('ZRANGE', P .. ':index:queued', 0, 0, 'WITHSCORES')
+out.oldest_queued_age = oldest[2] and (tonumber(score) - tonumber(oldest[2])) / 1e6 or false
+local totals = redis.call('HGETALL', P .. ':counters')
+for i = 1, #totals, 2 do out.totals[totals[i]] = tonumber(totals[i + 1]) end
+local runtime = redis.call('HGETALL', P .. ':runtime')
+for i = 1, #runtime, 2 do out.runtime[runtime[i]] = tonumber(runtime[i + 1]) end
+local minute = math.floor(seconds / 60)
+for m = minute - 59, minute do
+  local f = redis.call('HMGET', P .. ':minute:' .. m, 'done', 'failed')
+  out.minutes[#out.minutes + 1] = {m * 60, tonumber(f[1]) or 0, tonumber(f[2]) or 0}
+end
+local owners = {}
+for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
+  local owner = string.match(w, '^(.+)/%d+$') or w
+  if owners[owner] == nil then
+    local key = P .. ':lease:' .. owner  -- a hash (a worker older than /stats: a string)
+    local lease = redis.call('TYPE', key).ok == 'hash' and redis.call('HGETALL', key) or {}
+    owners[owner] = false
+    if #lease > 0 then
+      local worker = {name = owner, running = {}}
+      for i = 1, #lease, 2 do worker[lease[i]] = lease[i + 1] end
+      owners[owner] = worker
+      out.workers[#out.workers + 1] = worker
+    end
+  end
+  local job = owners[owner] and redis.call('LINDEX', P .. ':processing:' .. w, 0)
+  if job then table.insert(owners[owner].running, job) end
+end
+return cjson.encode(out)
 """
 
 

@@ -46,7 +46,6 @@ from redis.retry import Retry
 
 from store import (
     ALLOW_OOM,
-    DEAD_MAX,
     FINISH,
     LEASE,
     PREFIX,
@@ -56,12 +55,14 @@ from store import (
     WRITES,
     Job,
     Keys,
+    bucket,
     from_env,
     non_empty,
     now,
     number,
     redis_said,
     redis_url,
+    rfc3339,
 )
 
 log = logging.getLogger("worker")
@@ -83,8 +84,11 @@ def upper(text: str) -> str:
     return text.upper()
 
 
-class JobTimeout(Exception):
-    """Raised in a plain handler's thread when its try runs past --timeout."""
+CANCELLED = "cancelled while running"
+
+
+class Interrupted(Exception):
+    """Raised in a plain handler's thread when its try runs past --timeout or is cancelled."""
 
 
 def raise_in_thread(thread_id: int, exc: type[BaseException] | None) -> None:
@@ -98,7 +102,8 @@ class Slot:
     """One of a worker's places for a job. Its processing list holds the job it has taken and
     nothing between jobs, so whatever is there then is a stray (a BLMOVE whose reply was lost).
     While a handler runs, `job` and `deadline` say what and until when, and interrupt() asks it
-    to stop: an exception raised in its thread, or its task cancelled."""
+    to stop (`why`: timed out, or cancelled): an exception raised in its thread, or its task
+    cancelled."""
 
     def __init__(self, name: str, keys: Keys) -> None:
         self.name = name  # <worker>/<n>: a member of the workers set
@@ -107,6 +112,8 @@ class Slot:
         self.lock = threading.Lock()  # the slot's runner and the keeper
         self.job: Job | None = None
         self.deadline = float("inf")
+        self.began = 0.0  # monotonic time the try began
+        self.why = ""  # why the try was interrupted ("": it was not)
         self.interrupted = False  # once per try
         self.thread_id: int | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -119,8 +126,9 @@ class Slot:
 
     def begin(self, job: Job, timeout: float, task: asyncio.Task[Any] | None = None) -> None:
         with self.lock:
-            self.job, self.task, self.interrupted = job, task, False
-            self.deadline = time.monotonic() + timeout if timeout else float("inf")
+            self.job, self.task, self.interrupted, self.why = job, task, False, ""
+            self.began = time.monotonic()
+            self.deadline = self.began + timeout if timeout else float("inf")
 
     def end(self) -> None:
         """The handler is over: nothing can be raised into it any more."""
@@ -129,13 +137,13 @@ class Slot:
             if self.thread_id is not None:  # a timeout raised too late is withdrawn
                 raise_in_thread(self.thread_id, None)
 
-    def interrupt(self, exc: type[BaseException]) -> None:
+    def interrupt(self, why: str) -> None:
         """Call with the lock held and a job running."""
-        self.interrupted = True
+        self.interrupted, self.why = True, why
         if self.task is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(self.cancel, self.job)
         elif self.thread_id is not None:
-            raise_in_thread(self.thread_id, exc)
+            raise_in_thread(self.thread_id, Interrupted)
 
     def cancel(self, job: Job | None) -> None:
         """In the event loop's thread: cancel the slot's task if it still awaits that job's
@@ -185,7 +193,8 @@ class Worker:
         self.retention = retention
         self.keys = Keys(prefix)
         self.redis_url = redis_url
-        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.host, self.started = socket.gethostname(), now()
+        self.name = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.slots = [Slot(f"{self.name}/{n}", self.keys) for n in range(concurrency)]
         self.redis = redis.Redis.from_url(redis_url, **self.client_options())
         self._start = self.redis.register_script(START)
@@ -227,16 +236,16 @@ class Worker:
         self._wake.set()  # safe here: no other code of the main thread takes this Event's lock
 
     def keeper(self) -> None:
-        """Thread: renew the lease every --lease/3 s and time out tries past their deadline,
-        whatever the slots are doing; on a cold stop, give every slot's job back and exit.
-        Returns once the slots have all stopped (a warm stop)."""
+        """Thread: renew the lease every --lease/3 s, stop tries past their deadline or
+        cancelled, whatever the slots are doing; on a cold stop, give every slot's job back and
+        exit. Returns once the slots have all stopped (a warm stop)."""
         renewed, next_renewal, next_scan = True, 0.0, 0.0
         while not (self.cold or time.monotonic() >= self._stop_deadline):
             if all(slot.stopped.is_set() for slot in self.slots):
                 return
-            if time.monotonic() >= next_scan:  # the jobs of dead workers, the retries due
+            if time.monotonic() >= next_scan:  # dead workers' jobs, delayed ones due, cancels
                 with contextlib.suppress(redis.RedisError):  # the slots say what Redis does
-                    self.reclaim()
+                    self.cancel(self.reclaim(stops=True)[2])
                 next_scan = time.monotonic() + MAINTAIN_EVERY
             if time.monotonic() >= next_renewal:
                 try:
@@ -246,7 +255,7 @@ class Worker:
                     if renewed:  # once a run of failures: the slots say what Redis does
                         log.warning("cannot renew the lease (%s); retrying", redis_said(exc))
                     renewed, next_renewal = False, time.monotonic() + TICK
-            self.time_out()
+            self.stop_late()
             self._wake.wait(min(TICK, max(self._stop_deadline - time.monotonic(), 0)))
             self._wake.clear()
         if not self.cold:
@@ -268,10 +277,18 @@ class Worker:
         logging.shutdown()
         os._exit(1)
 
-    def time_out(self) -> None:
+    def cancel(self, ids: list[str]) -> None:
+        """Stop the tries of these jobs (asked to stop over HTTP) now, as at a deadline."""
+        for slot in self.slots:
+            with slot.lock:
+                if slot.job is not None and slot.job.id in ids:
+                    slot.why, slot.deadline = CANCELLED, 0.0
+
+    def stop_late(self) -> None:
         """At a try's deadline, interrupt it; if it is still running one TICK later (a plain
         handler blocked inside C, or an async one that blocks the event loop), record it as
-        timed out all the same: its late result will find the job gone from its list."""
+        timed out (or cancelled) all the same: its late result will find the job gone from
+        its list."""
         for slot in self.slots:
             if self.cold:
                 return
@@ -280,19 +297,19 @@ class Worker:
                 if job is None or late < 0:
                     continue
                 if not slot.interrupted:
-                    slot.interrupt(JobTimeout)
+                    slot.interrupt(slot.why or self.timed_out)
                     if late < TICK:
                         continue
                 slot.deadline = float("inf")
+                why, ran = slot.why, time.monotonic() - slot.began
             try:
-                self.finish(slot, job, *self.outcome(job, False, self.timed_out), take_next=False)
+                self.finish(slot, job, *self.outcome(job, False, why), ran=ran, take_next=False)
             except redis.RedisError:
                 with slot.lock:
                     if slot.job is job:
                         slot.deadline = 0.0  # next tick
                 continue
-            log.warning("job %s: %s, and still running; its result will be dropped",
-                        job.id, self.timed_out)
+            log.warning("job %s: %s, and still running; its result will be dropped", job.id, why)
 
     @property
     def timed_out(self) -> str:
@@ -300,36 +317,35 @@ class Worker:
 
     # -- Redis steps ---------------------------------------------------------------------------
 
+    def common(self) -> list[str | int]:
+        """The arguments every script takes first (see store.LUA_PRELUDE)."""
+        return [self.keys.prefix, now(), self.retention]
+
     def heartbeat(self) -> None:
         """Renew the lease (and re-register the slots, in case the worker was presumed dead)."""
-        self._lease(keys=[self.keys.lease(self.name), self.keys.workers],
-                    args=[int(self.lease * 1000), *(slot.name for slot in self.slots)])
+        self._lease(keys=[self.keys.lease(self.name)],
+                    args=[*self.common(), int(self.lease * 1000), self.host, os.getpid(),
+                          len(self.slots), self.started, *(slot.name for slot in self.slots)])
 
-    def reclaim(self, *idle: str, max_attempts: int | None = None,
-                scan: bool = True) -> tuple[int, int]:
+    def reclaim(self, *idle: str, max_attempts: int | None = None, scan: bool = True,
+                stops: bool = False) -> tuple[int, int, list[str]]:
         """Requeue what the idle slots named hold (strays) and, with scan, the jobs of workers
-        whose lease expired, and move due retries onto the queue. Returns (jobs requeued,
-        retries moved)."""
-        moved, due = self._reclaim(keys=self.reclaim_keys(),
-                                   args=self.reclaim_args(idle, max_attempts, scan))
-        return self.reclaimed(moved, due)
+        whose lease expired, and queue the delayed jobs due. Returns (jobs requeued, delayed
+        jobs queued, and with stops: the ids of this worker's jobs asked to stop)."""
+        return self.reclaimed(*self._reclaim(keys=[self.keys.queue], args=self.reclaim_args(
+            idle, max_attempts, scan, stops)))
 
-    def reclaim_keys(self) -> list[str]:
-        k = self.keys
-        return [k.queue, k.workers, k.dead, k.delayed]
-
-    def reclaim_args(self, idle: tuple[str, ...], max_attempts: int | None,
-                     scan: bool) -> list[str | float]:
-        k = self.keys
-        return [k.prefix, k.events, now(), time.time(),
-                self.max_attempts if max_attempts is None else max_attempts, self.retention,
-                DEAD_MAX, int(scan), *idle]
+    def reclaim_args(self, idle: tuple[str, ...], max_attempts: int | None, scan: bool,
+                     stops: bool = False) -> list[str | int | float]:
+        return [*self.common(), time.time(),
+                self.max_attempts if max_attempts is None else max_attempts, int(scan),
+                self.name if stops else "", *idle]
 
     @staticmethod
-    def reclaimed(moved: int, due: int) -> tuple[int, int]:
+    def reclaimed(moved: int, due: int, stops: list[str]) -> tuple[int, int, list[str]]:
         if moved:
             log.warning("requeued %d job(s) of stopped worker(s) or stray(s)", moved)
-        return int(moved), int(due)
+        return int(moved), int(due), stops
 
     def take(self, slot: Slot) -> Job | None:
         """Block up to BLOCK seconds for a job for the slot; return it once it is running."""
@@ -338,16 +354,16 @@ class Worker:
             return None
         return Job.started(self._start(keys=[slot.processing], args=self.start_args(taken)))
 
-    def start_args(self, taken: bytes | str) -> list[bytes | str]:
-        return [self.keys.prefix, taken, now(), self.keys.events]
+    def start_args(self, taken: bytes | str) -> list[bytes | str | int]:
+        return [*self.common(), taken]
 
     def finish(self, slot: Slot, job: Job, outcome: str, result: str = "", error: str = "",
-               due: float = 0.0, *, take_next: bool = True) -> Job | None:
+               due: float = 0.0, *, ran: float = 0.0, take_next: bool = True) -> Job | None:
         """Record done/failed/retry atomically, and take the slot's next job in the same round
         trip unless the worker is stopping, the slot's reclaim round is due (it runs with no
         job held) or Redis is full. A result is dropped if the job is no longer the slot's
         (reclaimed, or timed out by the keeper)."""
-        keys, args = self.finish_call(slot, job, outcome, result, error, due)
+        keys, args = self.finish_call(slot, job, outcome, result, error, due, ran)
         chain = take_next and self.may_chain(slot)
         try:
             held, taken = (self._finish_take if chain else self._finish)(keys=keys,
@@ -357,13 +373,13 @@ class Worker:
         return self.finished(job, held, taken)
 
     def finish_call(self, slot: Slot, job: Job, outcome: str, result: str, error: str,
-                    due: float) -> tuple[list[str], Callable[[bool], list[str | int | float]]]:
-        k = self.keys
-        keys = [k.job(job.id), slot.processing, k.dead, k.delayed, k.queue]
+                    due: float, ran: float,
+                    ) -> tuple[list[str], Callable[[bool], list[str | int | float]]]:
+        keys = [self.keys.job(job.id), slot.processing, self.keys.queue]
 
         def args(take_next: bool) -> list[str | int | float]:
-            return [job.id, outcome, result, error, now(), k.events, self.retention, due,
-                    DEAD_MAX, k.prefix, int(take_next), job.attempt]
+            return [*self.common(), job.id, outcome, result, error, due,
+                    rfc3339(due) if due else "", int(take_next), job.attempt, ran, bucket(ran)]
         return keys, args
 
     def may_chain(self, slot: Slot) -> bool:
@@ -402,6 +418,9 @@ class Worker:
         if ok:
             log.info("job %s: done", job.id)
             return "done", value, "", 0.0
+        if value == CANCELLED:
+            log.warning("job %s: %s", job.id, value)
+            return "cancelled", "", value, 0.0
         if job.attempt < self.max_attempts:
             delay = self.backoff * 2 ** (job.attempt - 1) * random.uniform(0.8, 1.2)
             log.warning("job %s: %s; retrying in %.1fs", job.id, value, delay)
@@ -420,8 +439,8 @@ class Worker:
         slot.begin(job, self.timeout)
         try:
             return True, self.checked(self.handler(job.input))
-        except JobTimeout:
-            return False, self.timed_out
+        except Interrupted:
+            return False, slot.why
         except Exception as exc:  # the handler's failure is the job's, not the worker's
             return False, f"{type(exc).__name__}: {exc}"
         finally:
@@ -446,11 +465,11 @@ class Worker:
         """Run one job to its outcome; return the slot's next one if finishing took it."""
         try:
             ok, value = self.run_handler(slot, job)
-        except JobTimeout:  # raised as the handler ended, before it could be withdrawn
+        except Interrupted:  # raised as the handler ended, before it could be withdrawn
             slot.end()
-            ok, value = False, self.timed_out
-        outcome = self.outcome(job, ok, value)
-        return self.until_recorded(slot, lambda: self.finish(slot, job, *outcome))
+            ok, value = False, slot.why
+        outcome, ran = self.outcome(job, ok, value), time.monotonic() - slot.began
+        return self.until_recorded(slot, lambda: self.finish(slot, job, *outcome, ran=ran))
 
     def work(self, slot: Slot) -> None:
         """Thread: the slot's loop, until the worker stops. Between jobs, its reclaim round when
@@ -479,7 +498,7 @@ class Worker:
                 slot.next_maintain = 0.0  # a job taken but not started is put back first
                 delay = self.retry_delay(exc, delay)
                 time.sleep(delay)
-            except JobTimeout:  # not raised in a handler: put back whatever it interrupted
+            except Interrupted:  # not raised in a handler: put back whatever it interrupted
                 slot.end()
                 slot.next_maintain = 0.0
 
@@ -505,8 +524,9 @@ class Worker:
                 return None
             return Job.started(await start(keys=[slot.processing], args=self.start_args(taken)))
 
-        async def record(job: Job, outcome: tuple[str, str, str, float]) -> Job | None:
-            keys, args = self.finish_call(slot, job, *outcome)
+        async def record(job: Job, outcome: tuple[str, str, str, float],
+                         ran: float) -> Job | None:
+            keys, args = self.finish_call(slot, job, *outcome, ran)
             chain = self.may_chain(slot)
             try:
                 held, taken = await (finish_take if chain else finish)(keys=keys,
@@ -515,11 +535,12 @@ class Worker:
                 held, taken = await finish(keys=keys, args=args(False))
             return self.finished(job, held, taken)
 
-        async def until_recorded(job: Job, outcome: tuple[str, str, str, float]) -> Job | None:
+        async def until_recorded(job: Job, outcome: tuple[str, str, str, float],
+                                 ran: float) -> Job | None:
             delay = 0.0
             while True:
                 try:
-                    taken = await record(job, outcome)
+                    taken = await record(job, outcome, ran)
                     self.redis_works()
                     return taken
                 except redis.RedisError as exc:
@@ -531,14 +552,14 @@ class Worker:
         while not self.stopping:
             try:
                 if time.monotonic() >= slot.next_maintain:
-                    self.reclaimed(*await reclaim(keys=self.reclaim_keys(),
+                    self.reclaimed(*await reclaim(keys=[self.keys.queue],
                                                   args=self.reclaim_args((slot.name,), None,
                                                                          False)))
                     slot.next_maintain = time.monotonic() + MAINTAIN_EVERY
                 job = await take()
                 while job is not None:
                     outcome = self.outcome(job, *await self.run_async_handler(slot, job))
-                    job = await until_recorded(job, outcome)
+                    job = await until_recorded(job, outcome, time.monotonic() - slot.began)
                 self.redis_works()
                 delay = 0.0
             except redis.RedisError as exc:
@@ -557,7 +578,7 @@ class Worker:
                 return True, self.checked(await cast(Awaitable[str], self.handler(job.input)))
         except asyncio.CancelledError:  # interrupted: nothing else cancels a slot's task
             task.uncancel()
-            return False, self.timed_out
+            return False, slot.why
         except Exception as exc:  # the handler's failure is the job's, not the worker's
             if isinstance(exc, TimeoutError) and limit.expired():
                 return False, self.timed_out

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from server import new_job
-from store import Keys
+from server import new_jobs, submit_args
+from store import RETENTION, SUBMIT, Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -108,13 +108,13 @@ def port_open(port: int) -> bool:
 
 def enqueue(client: redis.Redis, prefix: str, text: str, queue: bool = True) -> str:
     """Queue a job the way POST /submit does (or only store it); return its id."""
-    job, keys = new_job(text), Keys(prefix)
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.job(str(job["id"])), mapping=job)  # type: ignore[arg-type]
-        if queue:
-            pipe.lpush(keys.queue, job["id"])
-        pipe.execute()
-    return str(job["id"])
+    jobs, keys = new_jobs([text]), Keys(prefix)
+    if queue:
+        client.register_script(SUBMIT)(keys=[keys.queue],
+                                       args=submit_args(prefix, RETENTION, jobs, None))
+    else:
+        client.hset(keys.job(str(jobs[0]["id"])), mapping=jobs[0])  # type: ignore[arg-type]
+    return str(jobs[0]["id"])
 
 
 def job(client: redis.Redis, prefix: str, job_id: str) -> dict[str, str]:

@@ -75,9 +75,9 @@ def test_raising_handler_is_retried_then_failed_and_dead_lettered(r: redis.Redis
         run_next(worker)
         stored = job(r, prefix, job_id)
         assert (stored["status"], stored["attempts"], stored["error"]) == (
-            "queued", str(attempt), "ValueError: broken")
+            "delayed", str(attempt), "ValueError: broken")
         assert r.zscore(keys.delayed, job_id) is not None  # waiting out its backoff
-        assert worker.reclaim() == (0, 1)  # due at once (backoff 0): moved to the queue
+        assert worker.reclaim() == (0, 1, [])  # due at once (backoff 0): moved to the queue
     run_next(worker)
     stored = job(r, prefix, job_id)
     assert (stored["status"], stored["attempts"], stored["error"]) == (
@@ -136,9 +136,9 @@ def test_jobs_of_a_lost_worker_are_requeued_and_its_late_result_dropped(
     alive.heartbeat()
     taken = lost.take(lost.slots[3])
     assert taken is not None
-    assert alive.reclaim() == (0, 0)  # the lease is alive: nothing to reclaim
+    assert alive.reclaim() == (0, 0, [])  # the lease is alive: nothing to reclaim
     lose(lost)
-    assert alive.reclaim() == (1, 0)
+    assert alive.reclaim() == (1, 0, [])
     stored = job(r, prefix, job_id)
     assert (stored["status"], stored["attempts"]) == ("queued", "1")
     assert "stopped before finishing" in stored["error"]
@@ -354,7 +354,7 @@ def test_a_job_reclaimed_between_its_take_and_its_start_is_not_started(
     paused.heartbeat()
     taken = str(r.blmove(Keys(prefix).queue, slot.processing, 1, "RIGHT", "LEFT"))
     lose(paused)  # paused past its lease between BLMOVE and START
-    assert alive.reclaim() == (1, 0)
+    assert alive.reclaim() == (1, 0, [])
     assert paused._start(keys=[slot.processing], args=paused.start_args(taken)) is None
     assert (status_of(r, prefix, job_id), r.lrange(Keys(prefix).queue, 0, -1)) == (
         "queued", [job_id])
