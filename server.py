@@ -74,6 +74,7 @@ CURSOR = re.compile(r"([0-9][0-9.e+]*)-([0-9a-f]{32})")  # a next_cursor of GET 
 PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most
 FEED_EVERY = 0.25  # seconds between the batches of /feed
+FEED_MAX = 500  # jobs in one batch at most: the newest changed (the page shows fewer)
 STATIC = Path(__file__).resolve().parent / "static"  # the dashboard
 MESSAGE_FIELDS = ("id", "status", "result", "error", "attempts", "updated", "version")
 
@@ -221,8 +222,11 @@ class Hub:
             return
         if (topic := self.topics.get(job_id)) is not None:
             topic.offer(Update(version, status in TERMINAL, data.encode()))
-        if self.feeds:
+        if self.feeds:  # the newest FEED_MAX jobs changed, each with its newest message
+            self.batch.pop(job_id, None)
             self.batch[job_id] = data
+            if len(self.batch) > FEED_MAX:
+                del self.batch[next(iter(self.batch))]
 
     async def listen(self) -> None:
         """Follow the events channel forever, resubscribing (and resyncing) after any loss."""
@@ -567,8 +571,9 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
         "queue_length": stats["queue_length"],
         "delayed": stats["delayed"],
         "dead_letter": stats["dead_letter"],
-        "oldest_queued_age": stats["oldest_queued_age"] or None,
-        "totals": {name: stats["totals"].get(name, 0) if stats["totals"] else 0
+        "oldest_queued_age": None if stats["oldest_queued_age"] is False
+                             else stats["oldest_queued_age"],
+        "totals": {name: stats["totals"].get(name, 0)
                    for name in ("submitted", "done", "failed", "retried", "cancelled")},
         "done_per_minute": [{"minute": rfc3339(m), "done": done, "failed": failed}
                             for m, done, failed in stats["minutes"]],
