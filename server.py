@@ -1,13 +1,17 @@
-"""Job queue HTTP server: accepts jobs and streams their progress live.
+"""Job queue HTTP server: accepts jobs, streams their progress live, and lets operators steer.
 
-    python server.py [--host HOST] [--port PORT] [--redis-url URL]
+    python server.py [--host HOST] [--port PORT] [--redis-url URL] [--token-file FILE]
 
-POST /submit {"input": "..."} stores a job and queues it in one step; GET /status?id=ID reads
-it; GET /ws?id=ID (WebSocket) and GET /events?id=ID (Server-Sent Events) send the job's current
-state, then each change, and close after `done` or `failed`; GET /healthz says whether Redis
-answers. Every error is JSON: {"error": "..."}. The server holds one Redis pub/sub subscription
-and fans each message out to the watchers of that job, so any number of servers can share one
-Redis with any number of workers (see worker.py).
+POST /submit {"input": "..."} stores a job and queues it in one step (also later: "delay" or
+"run_at"; or many: "inputs"); GET /status?id=ID reads it; GET /ws?id=ID (WebSocket) and GET
+/events?id=ID (Server-Sent Events) send the job's current state, then each change, and close
+once it has ended; GET /healthz says whether Redis answers. For operators: GET /jobs lists a
+state's jobs, POST /jobs/ID/cancel and /jobs/ID/retry steer one, GET /stats and /metrics
+(Prometheus) count, and GET / is a live dashboard fed by GET /feed. With a token set, every
+request but /healthz and the dashboard's files must carry it. Every error is JSON: {"error":
+"..."}. The server holds one Redis pub/sub subscription and fans each message out to the
+watchers of that job, so any number of servers can share one Redis with any number of workers
+(see worker.py); the numbers live in Redis, so every server reports the same.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ which also takes the slot's next job. One lease covers the whole worker: a worke
 expires is presumed dead, and any live worker puts its jobs back on the queue. Delivery is
 therefore at-least-once, so handlers should be idempotent. A try that raises or runs past
 --timeout is retried with exponential backoff, up to --max-attempts tries; then the job is
-failed and its id kept on the dead-letter list.
+failed and its id kept on the dead-letter list. A running job cancelled over HTTP is stopped as
+a try past its time limit is (within about a second) and recorded `cancelled`.
 
 First SIGTERM/SIGINT: take no new job, finish those running within --grace seconds, exit 0.
 Second signal, or the grace running out: put them back on the queue, exit 1, even if a handler

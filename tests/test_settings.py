@@ -25,6 +25,11 @@ BAD = [
     ("server.py", "REDIS_URL", "localhost:6379", "redis://localhost:99999/0"),
     ("server.py", "--prefix", ""),
     ("server.py", "JOBS_PREFIX", ""),
+    ("server.py", "--retention", "1.5", "0"),
+    ("server.py", "JOBS_RETENTION", "abc", "-1"),
+    ("server.py", "--token", ""),
+    ("server.py", "JOBS_TOKEN", ""),
+    ("server.py", "--token-file", "/no/such/file"),
     ("worker.py", "--redis-url", "localhost:6379", "redis://localhost:99999/0"),
     ("worker.py", "REDIS_URL", "localhost:6379", "redis://localhost:99999/0"),
     ("worker.py", "--handler", "nocolon", "no_such_module:f", "handlers:nope"),
@@ -105,3 +110,38 @@ def test_run_all_starts_nothing_with_a_bad_setting(tmp_path: Path, variable: str
     finally:
         run_all.kill()
 
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "example.com"])
+def test_the_server_will_not_listen_beyond_loopback_without_a_token(host: str,
+                                                                    tmp_path: Path) -> None:
+    refused = run("server.py", "--host", host, "--check")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == (
+        f"server: refusing to listen on {host} without a token: anyone who can reach it could "
+        f"read, submit and cancel jobs. Set JOBS_TOKEN (or --token-file), listen on 127.0.0.1, "
+        f"or pass --insecure-no-auth.\n")
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    for args, env in [(["--insecure-no-auth"], {}), ([], {"JOBS_TOKEN": "s3cret-token"}),
+                      (["--token-file", str(token)], {})]:
+        result = run("server.py", "--host", host, *args, "--check", **env)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
+def test_loopback_needs_no_token(host: str) -> None:
+    result = run("server.py", "--host", host, "--check")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_a_token_file_must_hold_a_token_and_excludes_token(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    result = run("server.py", "--token-file", str(empty), "--check")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"server.py: error: argument --token-file: {empty} holds no token")
+    result = run("server.py", "--token", "a", "--token-file", str(empty), "--check")
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr.splitlines()[-1]
