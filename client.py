@@ -1,12 +1,35 @@
-"""Submit a job to the job queue server and wait for its result.
+"""Submit jobs to the job queue server, follow them and manage them: a command line and a library.
 
-    python client.py "hello world"          # prints HELLO WORLD
-    python client.py --no-wait "hello"      # prints the job id and returns
-    python client.py --watch ID             # follows a job submitted earlier
+    python client.py "hello world"               # prints HELLO WORLD
+    python client.py --no-wait "hello"           # prints the job id and returns
+    python client.py --delay 30 "later"          # the job runs in 30 s; waits for it
+    python client.py --watch ID                  # follows a job submitted earlier
+    python client.py --list failed --limit 20    # the 20 newest failed jobs, one line each
+    python client.py --retry ID                  # runs a failed or cancelled job again, waits
+    python client.py --cancel ID                 # cancels a queued, delayed or running job
+    python client.py --stats                     # counts, workers and Redis memory, a few lines
+    JOBS_TOKEN=secret python client.py "hi"      # a server started with a token needs it
 
 Progress goes to stderr, the result to stdout. The client follows the job over the WebSocket;
 if the connection drops (a server restart, say) it asks /status and reconnects until --timeout.
-Exit status: 0 done, 1 failed, 2 usage or connection error, 3 timed out (130: Ctrl+C).
+Exit status: 0 done (or: cancel accepted, list and stats printed), 1 failed or cancelled,
+2 usage or connection error or the server refused (a 401 says a token is needed), 3 timed out
+(130: Ctrl+C, which leaves the job as it is). A cancelled job exits 1 like a failed one: either
+way it gave no result, and stderr says which.
+
+As a library, two plain functions that print nothing and return the job as a dict:
+
+    import client
+    job = client.submit("hello world", server="http://127.0.0.1:8080")
+    job = client.wait(job["id"], timeout=30)   # job["status"]: "done", "failed" or "cancelled"
+    print(job["result"])
+
+They raise `TimeoutError` when the job has not ended in time, and `ServerError` when the server
+cannot be reached or refuses (`.status`: the HTTP status or None; `.error`: the server's text),
+`TokenNeeded` (a `ServerError`) on a 401. With `token=None` they send the token in the
+environment variable JOBS_TOKEN, if set, as the command line does. Progress is logged at INFO
+on this module's logger. From async code, use the async pieces they are made of:
+`async with session(token) as s: job = await wait_for_end(s, server, job_id)`.
 """
 
 from __future__ import annotations
@@ -14,24 +37,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import sys
 import urllib.parse
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
-DONE, FAILED, UNREACHABLE, TIMED_OUT = 0, 1, 2, 3
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+STATES = ("queued", "delayed", "running", "done", "failed", "cancelled")
+TERMINAL = ("done", "failed", "cancelled")
+DONE, FAILED, ERROR, TIMED_OUT = 0, 1, 2, 3  # exit status; a cancelled job exits FAILED
 RECONNECT_CAP = 2.0  # seconds between reconnection tries at most
+PAGE = 500  # most jobs GET /jobs gives at once
+PREVIEW = 40  # characters of a job's input that --list shows
+
+log = logging.getLogger(__name__)
+Job = dict[str, Any]
 
 
-class Unreachable(Exception):
-    """The server cannot be reached, or refused the request; the message says why."""
+class ServerError(Exception):
+    """The server cannot be reached (`status` None), or refused a request (`status` its HTTP
+    status, `error` its own words); the message says which, in one line."""
+
+    def __init__(self, message: str, status: int | None = None, error: str = "") -> None:
+        super().__init__(message)
+        self.status, self.error = status, error
 
 
-def say(message: str) -> None:
-    print(f"client: {message}", file=sys.stderr, flush=True)
+class TokenNeeded(ServerError):
+    """401: the server wants a token, and none (or not its own) was sent."""
+
+
+Unreachable = ServerError  # the name before there were other refusals than "cannot reach"
 
 
 def server_url(text: str) -> str:
@@ -46,17 +87,65 @@ def server_url(text: str) -> str:
     return text
 
 
-def seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds, more than 0."""
+def number(text: str) -> float:
     try:
         value = float(text)
         if not math.isfinite(value):
             raise ValueError(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, more than 0."""
+    if (value := number(text)) <= 0:
         raise argparse.ArgumentTypeError(f"{text} is out of range (more than 0)")
     return value
+
+
+def delay(text: str) -> float:
+    """An argparse type: a finite number of seconds, at least 0."""
+    if (value := number(text)) < 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (at least 0)")
+    return value
+
+
+def whole(text: str) -> int:
+    """An argparse type: a whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (at least 1)")
+    return value
+
+
+def token_text(text: str) -> str:
+    """An argparse type for a token; its message never shows the token."""
+    try:
+        return check_token(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_token(token: str) -> str:
+    if not token:
+        raise ValueError("the token is empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in token):  # a token file's newline, say
+        raise ValueError("the token holds a control character (a line break?)")
+    return token
+
+
+def session(token: str | None = None) -> aiohttp.ClientSession:
+    """A session that sends `Authorization: Bearer <token>` on every request, the WebSocket's
+    included. token None: the environment variable JOBS_TOKEN if it is set, else no token."""
+    if token is None:
+        token = os.environ.get("JOBS_TOKEN")
+    headers = {} if token is None else {"Authorization": f"Bearer {check_token(token)}"}
+    return aiohttp.ClientSession(headers=headers,
+                                 timeout=aiohttp.ClientTimeout(sock_connect=5))
 
 
 async def request_json(session: aiohttp.ClientSession, method: str, url: str,
@@ -65,25 +154,27 @@ async def request_json(session: aiohttp.ClientSession, method: str, url: str,
         async with session.request(method, url, **kwargs) as response:
             body = await response.json(content_type=None)
     except (aiohttp.ClientError, ValueError) as exc:
-        raise Unreachable(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+        raise ServerError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
     if response.status >= 400:
-        raise Unreachable(f"server said {response.status}: {body.get('error', body)}")
+        error = str(body.get("error", body) if isinstance(body, dict) else body)
+        kind = TokenNeeded if response.status == 401 else ServerError
+        raise kind(f"server said {response.status}: {error}", response.status, error)
     return body  # type: ignore[no-any-return]
 
 
-def outcome(job: dict[str, Any]) -> int | None:
-    """Print a terminal job's result (stdout) or error (stderr); None if it is not over."""
-    if job["status"] == "done":
-        print(job["result"], flush=True)
-        return DONE
-    if job["status"] == "failed":
-        say(f"job {job['id']} failed: {job.get('error', '')}")
-        return FAILED
-    return None
+def job_url(server: str, job_id: str, action: str) -> str:
+    return f"{server}/jobs/{urllib.parse.quote(job_id, safe='')}/{action}"
 
 
-async def follow(session: aiohttp.ClientSession, server: str, job_id: str) -> int:
-    """Follow the job over the WebSocket until it ends, reconnecting after drops."""
+async def submit_job(session: aiohttp.ClientSession, server: str, text: str,
+                     delay: float | None = None) -> Job:
+    body: dict[str, Any] = {"input": text} if delay is None else {"input": text, "delay": delay}
+    return await request_json(session, "POST", f"{server}/submit", json=body)
+
+
+async def follow(session: aiohttp.ClientSession, server: str, job_id: str) -> Job:
+    """Follow the job over the WebSocket until it ends, reconnecting after drops; the last
+    state (a message: id, status, result, error, attempts, updated, version)."""
     delay, last = 0.1, ""
     while True:
         try:
@@ -92,79 +183,259 @@ async def follow(session: aiohttp.ClientSession, server: str, job_id: str) -> in
                 async for message in ws:
                     if message.type is not aiohttp.WSMsgType.TEXT:
                         break
-                    job = json.loads(message.data)
+                    job: Job = json.loads(message.data)
                     if job["status"] != last:
-                        say(f"job {job_id}: {job['status']}")
+                        log.info("job %s: %s", job_id, job["status"])
                         last = job["status"]
-                    if (code := outcome(job)) is not None:
-                        return code
+                    if job["status"] in TERMINAL:
+                        return job
         except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 401:
+                raise TokenNeeded(f"server said 401 to the WebSocket of job {job_id}",
+                                  401, exc.message) from None
             if exc.status in (400, 403, 404):
-                raise Unreachable(f"server refused to follow job {job_id}: {exc.status} "
-                                  f"{exc.message}") from None
+                raise ServerError(f"server refused to follow job {job_id}: {exc.status} "
+                                  f"{exc.message}", exc.status, exc.message) from None
         except aiohttp.ClientError:
             pass
-        say(f"connection to {server} lost; reconnecting in {delay:.1f}s")
+        log.info("connection to %s lost; reconnecting in %.1fs", server, delay)
         try:  # the end may have come while we were away
             job = await request_json(session, "GET", f"{server}/status", params={"id": job_id})
-            if (code := outcome(job)) is not None:
-                return code
-        except Unreachable:
-            pass
+            if job["status"] in TERMINAL:
+                return job
+        except ServerError as exc:
+            if exc.status is not None and exc.status < 500:  # 401, or the job is gone
+                raise
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_CAP)
 
 
+async def wait_for_end(session: aiohttp.ClientSession, server: str, job_id: str) -> Job:
+    """The job once it has ended: GET /status, then `follow` it if it has not. No deadline of
+    its own: run it under `asyncio.timeout`."""
+    job = await request_json(session, "GET", f"{server}/status", params={"id": job_id})
+    if job["status"] not in TERMINAL:
+        return await follow(session, server, job_id)
+    log.info("job %s: %s", job_id, job["status"])
+    return job
+
+
+def too_late(timeout: float, job_id: str) -> TimeoutError:
+    return TimeoutError(f"timed out after {timeout:g}s waiting for job {job_id}")
+
+
+def submit(text: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
+           delay: float | None = None) -> Job:
+    """Submit a job (POST /submit) and return it as the server stored it: `status` "queued",
+    or "delayed" with `run_at` when `delay` (seconds, at least 0) is given.
+
+    token: sent as `Authorization: Bearer <token>`; None: the environment variable JOBS_TOKEN
+    if set, else none. Raises ServerError (TokenNeeded on a 401) if the server cannot be
+    reached or refuses (a 400 for a bad delay), ValueError for an empty token."""
+    async def go() -> Job:
+        async with session(token) as s:
+            return await submit_job(s, server.rstrip("/"), text, delay)
+    return asyncio.run(go())
+
+
+def wait(job_id: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
+         timeout: float = 60.0) -> Job:
+    """Wait for the job to end and return its final state: `status` "done" (with `result`),
+    "failed" (with `error`) or "cancelled". It follows the job over the WebSocket and, if the
+    connection drops, asks /status and reconnects until the timeout.
+
+    token: as for `submit`. Raises TimeoutError if the job has not ended within `timeout`
+    seconds (the job carries on), ServerError (TokenNeeded on a 401) if the server cannot be
+    reached, or refuses (a 404 for an unknown id)."""
+    async def go() -> Job:
+        async with session(token) as s, asyncio.timeout(timeout):
+            return await wait_for_end(s, server.rstrip("/"), job_id)
+    try:
+        return asyncio.run(go())
+    except TimeoutError:
+        raise too_late(timeout, job_id) from None
+
+
+def outcome(job: Job) -> int:
+    """Print an ended job's result (stdout) or what became of it (stderr); the exit status."""
+    if job["status"] == "done":
+        print(job["result"], flush=True)
+        return DONE
+    if job["status"] == "failed":
+        log.error("job %s failed: %s", job["id"], job.get("error", ""))
+    else:
+        log.error("job %s was cancelled", job["id"])
+    return FAILED
+
+
+def when(stamp: str | None) -> str:
+    """An RFC 3339 time to the second, as the server gave it (UTC)."""
+    try:
+        return datetime.fromisoformat(stamp or "").isoformat(timespec="seconds")
+    except ValueError:
+        return stamp or "-"
+
+
+def ago(stamp: str | None) -> str:
+    try:
+        return f"{(datetime.now(UTC) - datetime.fromisoformat(stamp or '')).total_seconds():.0f}s"
+    except (ValueError, TypeError):
+        return "?"
+
+
+def line(job: Job) -> str:
+    """One job of --list: id, status, updated, the input's start on one line."""
+    text = " ".join(job.get("input", "").split())
+    preview = text if len(text) <= PREVIEW else text[:PREVIEW - 1] + "…"
+    return f"{job['id']}  {job['status']:<9}  {when(job.get('updated'))}  {preview}"
+
+
+async def list_jobs(session: aiohttp.ClientSession, server: str, status: str,
+                    limit: int) -> int:
+    """Print the newest `limit` jobs in `status`, following the server's cursor."""
+    shown, cursor = 0, None
+    while shown < limit:
+        params = {"status": status, "limit": str(min(limit - shown, PAGE))}
+        if cursor is not None:
+            params["cursor"] = cursor
+        page = await request_json(session, "GET", f"{server}/jobs", params=params)
+        for job in page["jobs"]:
+            print(line(job), flush=True)
+        shown += len(page["jobs"])
+        if (cursor := page.get("next_cursor")) is None or not page["jobs"]:
+            break
+    log.info("%d %s job%s%s", shown, status, "" if shown == 1 else "s",
+             " (there are more: raise --limit)" if cursor is not None else "")
+    return DONE
+
+
+def summary(stats: dict[str, Any]) -> list[str]:
+    """GET /stats in a few lines for a person (the JSON is one curl away)."""
+    jobs, totals, workers = stats.get("jobs", {}), stats.get("totals", {}), stats.get("workers", [])
+    hour = stats.get("done_per_minute", [])
+    age, redis = stats.get("oldest_queued_age"), stats.get("redis", {})
+    busy = sum(len(w.get("running", [])) for w in workers)
+    used, most = redis.get("used_memory", 0) / 2**20, redis.get("maxmemory", 0) / 2**20
+    return [
+        "jobs       " + "  ".join(f"{state} {jobs.get(state, 0)}" for state in STATES),
+        f"queue      {stats.get('queue_length', 0)} waiting"
+        f" (oldest {'-' if age is None else f'{age:.0f}s'}), {stats.get('delayed', 0)} delayed,"
+        f" {stats.get('dead_letter', 0)} dead-lettered",
+        "totals     " + "  ".join(f"{name} {n}" for name, n in totals.items()),
+        f"last hour  {sum(m.get('done', 0) for m in hour)} done,"
+        f" {sum(m.get('failed', 0) for m in hour)} failed",
+        f"workers    {len(workers)}, {sum(w.get('concurrency', 0) for w in workers)} slots,"
+        f" {busy} busy",
+        *(f"  {w.get('name')}: {len(w.get('running', []))}/{w.get('concurrency')} busy,"
+          f" last heartbeat {ago(w.get('last_heartbeat'))} ago" for w in workers),
+        f"redis      {used:.1f} MiB used of "
+        + (f"{most:.1f} MiB" if most else "no limit (maxmemory 0)"),
+    ]
+
+
 async def run(args: argparse.Namespace) -> int:
     server = args.server.rstrip("/")
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_connect=5)) as session:
+    job_id = args.watch or args.retry or args.cancel
+    async with session(args.token) as s:
         try:
-            job_id = args.watch
-            if job_id is None:
-                job = await request_json(session, "POST", f"{server}/submit",
-                                         json={"input": args.text})
+            if args.list:
+                return await list_jobs(s, server, args.list, args.limit or 50)
+            if args.stats:
+                print("\n".join(summary(await request_json(s, "GET", f"{server}/stats"))))
+                return DONE
+            if args.cancel:
+                job = await request_json(s, "POST", job_url(server, job_id, "cancel"))
+                if job["status"] == "running":  # 202: the worker stops it within a second
+                    log.info("job %s: running; cancel requested", job_id)
+                else:
+                    log.info("job %s: %s", job_id, job["status"])
+                return DONE
+            timeout = args.timeout
+            if args.text is not None:
+                job = await submit_job(s, server, args.text, args.delay)
                 job_id = job["id"]
-                if args.no_wait:
-                    print(job_id)
-                    return DONE
-                say(f"submitted job {job_id}")
-            else:  # fail fast on an unknown id or a server that is not there
-                await request_json(session, "GET", f"{server}/status", params={"id": job_id})
-            return await asyncio.wait_for(follow(session, server, job_id), args.timeout)
-        except Unreachable as exc:
-            say(str(exc))
-            return UNREACHABLE
-        except TimeoutError:
-            say(f"timed out after {args.timeout:g}s waiting for job {job_id}")
-            return TIMED_OUT
+                timeout += args.delay or 0
+            elif args.retry:
+                job = await request_json(s, "POST", job_url(server, job_id, "retry"))
+            if args.no_wait:
+                print(job_id, flush=True)
+                return DONE
+            if args.text is not None or args.retry:
+                log.info("%s job %s", "submitted" if args.text is not None else "retried",
+                         job_id)
+            try:
+                async with asyncio.timeout(timeout):
+                    job = await wait_for_end(s, server, job_id)
+            except TimeoutError:
+                log.error("%s", too_late(timeout, job_id))
+                return TIMED_OUT
+            return outcome(job)
+        except TokenNeeded as exc:
+            log.error("%s needs a token (give --token or set JOBS_TOKEN)%s: %s", server,
+                      "" if args.token is None else "; it refused this one", exc.error)
+            return ERROR
+        except ServerError as exc:
+            log.error("%s", exc)
+            return ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="exit status: 0 done, 1 failed, 2 usage or connection error, 3 timed out")
-    parser.add_argument("text", nargs="?", help="the job's input")
-    server = os.environ.get("JOBS_SERVER", "http://127.0.0.1:8080")
-    try:
-        server_url(server)
-    except argparse.ArgumentTypeError as exc:
-        parser.exit(2, f"{parser.prog}: error: environment variable JOBS_SERVER={server!r}: "
-                       f"{exc}\n")
+        epilog="exit status: 0 done (--cancel: accepted; --list, --stats: printed), 1 failed or "
+               "cancelled, 2 usage or connection error or refused by the server (401: a token "
+               "is needed), 3 timed out")
+    server = os.environ.get("JOBS_SERVER", DEFAULT_SERVER)
+    token = os.environ.get("JOBS_TOKEN")
+    for name, check, value in (("JOBS_SERVER", server_url, server),
+                               ("JOBS_TOKEN", token_text, token)):
+        try:
+            if value is not None:
+                check(value)
+        except argparse.ArgumentTypeError as exc:
+            shown = "" if name == "JOBS_TOKEN" else f"={value!r}"  # a secret is never shown
+            parser.exit(2, f"{parser.prog}: error: environment variable {name}{shown}: {exc}\n")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("text", nargs="?", metavar="TEXT", help="the input of a job to submit")
+    what.add_argument("--watch", metavar="ID",
+                      help="follow an existing job instead of submitting one")
+    what.add_argument("--list", metavar="STATUS", choices=STATES,
+                      help=f"print the newest jobs in STATUS ({', '.join(STATES)}), one line "
+                           "each: id, status, updated, the input's start")
+    what.add_argument("--retry", metavar="ID",
+                      help="run a failed or cancelled job again (attempts from 0), and wait")
+    what.add_argument("--cancel", metavar="ID",
+                      help="cancel a queued, delayed or running job (a running one stops "
+                           "within about a second)")
+    what.add_argument("--stats", action="store_true",
+                      help="print the server's counts, workers and Redis memory in a few lines")
     parser.add_argument("--server", type=server_url, default=server,
                         help="server URL (env JOBS_SERVER; default %(default)s)")
-    parser.add_argument("--timeout", type=seconds, default=60.0,
-                        help="seconds to wait for the job to end (default %(default)s)")
-    parser.add_argument("--watch", metavar="ID",
-                        help="follow an existing job instead of submitting one")
+    parser.add_argument("--token", type=token_text, default=token,
+                        help="the token of a server started with one, sent as 'Authorization: "
+                             "Bearer' (env JOBS_TOKEN, which is safer: a flag shows in ps)")
+    parser.add_argument("--timeout", type=seconds, default=60.0, metavar="SECONDS",
+                        help="seconds to wait for the job to end, after its --delay "
+                             "(default %(default)s)")
+    parser.add_argument("--delay", type=delay, metavar="SECONDS",
+                        help="with TEXT: run the job SECONDS from now (status delayed until)")
     parser.add_argument("--no-wait", action="store_true",
-                        help="submit, print the job id, and exit")
+                        help="with TEXT or --retry: print the job id and exit")
+    parser.add_argument("--limit", type=whole, metavar="N",
+                        help="with --list: how many jobs at most (default 50)")
     args = parser.parse_args(argv)
-    if (args.text is None) == (args.watch is None):
-        parser.error("give either TEXT to submit or --watch ID, not both or neither")
+    if args.delay is not None and args.text is None:
+        parser.error("--delay goes with TEXT")
+    if args.no_wait and args.text is None and args.retry is None:
+        parser.error("--no-wait goes with TEXT or --retry")
+    if args.limit is not None and args.list is None:
+        parser.error("--limit goes with --list")
+    logging.basicConfig(format="client: %(message)s")  # to stderr
+    log.setLevel(logging.INFO)
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:
-        say("interrupted")
+        log.error("interrupted")
         return 130
 
 
