@@ -333,46 +333,55 @@ def summary(stats: dict[str, Any]) -> list[str]:
     ]
 
 
+async def cancel(session: aiohttp.ClientSession, server: str, job_id: str) -> int:
+    job = await request_json(session, "POST", job_url(server, job_id, "cancel"))
+    if job["status"] == "running":  # 202: its worker stops it within about a second
+        log.info("job %s: running; cancel requested", job_id)
+    else:
+        log.info("job %s: %s", job_id, job["status"])
+    return DONE
+
+
+async def act(session: aiohttp.ClientSession, server: str, args: argparse.Namespace) -> int:
+    """Do what the command line asks; the exit status."""
+    if args.list:
+        return await list_jobs(session, server, args.list, args.limit or 50)
+    if args.stats:
+        print("\n".join(summary(await request_json(session, "GET", f"{server}/stats"))))
+        return DONE
+    if args.cancel:
+        return await cancel(session, server, args.cancel)
+    job_id, timeout = args.watch, args.timeout
+    if args.text is not None:
+        job_id = (await submit_job(session, server, args.text, args.delay))["id"]
+        timeout += args.delay or 0
+    elif args.retry:
+        job_id = (await request_json(session, "POST", job_url(server, args.retry, "retry")))["id"]
+    if args.no_wait:
+        print(job_id, flush=True)
+        return DONE
+    if args.watch is None:
+        log.info("%s job %s", "retried" if args.retry else "submitted", job_id)
+    try:
+        async with asyncio.timeout(timeout):
+            return outcome(await wait_for_end(session, server, job_id))
+    except TimeoutError:
+        log.error("%s", too_late(timeout, job_id))
+        return TIMED_OUT
+
+
 async def run(args: argparse.Namespace) -> int:
     server = args.server.rstrip("/")
-    job_id = args.watch or args.retry or args.cancel
     async with session(args.token) as s:
         try:
-            if args.list:
-                return await list_jobs(s, server, args.list, args.limit or 50)
-            if args.stats:
-                print("\n".join(summary(await request_json(s, "GET", f"{server}/stats"))))
-                return DONE
-            if args.cancel:
-                job = await request_json(s, "POST", job_url(server, job_id, "cancel"))
-                if job["status"] == "running":  # 202: the worker stops it within a second
-                    log.info("job %s: running; cancel requested", job_id)
-                else:
-                    log.info("job %s: %s", job_id, job["status"])
-                return DONE
-            timeout = args.timeout
-            if args.text is not None:
-                job = await submit_job(s, server, args.text, args.delay)
-                job_id = job["id"]
-                timeout += args.delay or 0
-            elif args.retry:
-                job = await request_json(s, "POST", job_url(server, job_id, "retry"))
-            if args.no_wait:
-                print(job_id, flush=True)
-                return DONE
-            if args.text is not None or args.retry:
-                log.info("%s job %s", "submitted" if args.text is not None else "retried",
-                         job_id)
-            try:
-                async with asyncio.timeout(timeout):
-                    job = await wait_for_end(s, server, job_id)
-            except TimeoutError:
-                log.error("%s", too_late(timeout, job_id))
-                return TIMED_OUT
-            return outcome(job)
+            return await act(s, server, args)
         except TokenNeeded as exc:
-            log.error("%s needs a token (give --token or set JOBS_TOKEN)%s: %s", server,
-                      "" if args.token is None else "; it refused this one", exc.error)
+            if args.token is None:
+                log.error("%s needs a token: give --token or set JOBS_TOKEN (%s)", server,
+                          exc.error)
+            else:
+                log.error("%s refused the token: check --token or JOBS_TOKEN (%s)", server,
+                          exc.error)
             return ERROR
         except ServerError as exc:
             log.error("%s", exc)
