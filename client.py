@@ -29,7 +29,7 @@ cannot be reached or refuses (`.status`: the HTTP status or None; `.error`: the 
 `TokenNeeded` (a `ServerError`) on a 401. With `token=None` they send the token in the
 environment variable JOBS_TOKEN, if set, as the command line does. Progress is logged at INFO
 on this module's logger. From async code, use the async pieces they are made of:
-`async with session(token) as s: job = await wait_for_end(s, server, job_id)`.
+`async with open_session(token) as s: job = await wait_for_end(s, server, job_id)`.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def check_token(token: str) -> str:
     return token
 
 
-def session(token: str | None = None) -> aiohttp.ClientSession:
+def open_session(token: str | None = None) -> aiohttp.ClientSession:
     """A session that sends `Authorization: Bearer <token>` on every request, the WebSocket's
     included. token None: the environment variable JOBS_TOKEN if it is set, else no token."""
     if token is None:
@@ -233,7 +233,7 @@ def submit(text: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
     if set, else none. Raises ServerError (TokenNeeded on a 401) if the server cannot be
     reached or refuses (a 400 for a bad delay), ValueError for an empty token."""
     async def go() -> Job:
-        async with session(token) as s:
+        async with open_session(token) as s:
             return await submit_job(s, server.rstrip("/"), text, delay)
     return asyncio.run(go())
 
@@ -248,7 +248,7 @@ def wait(job_id: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
     seconds (the job carries on), ServerError (TokenNeeded on a 401) if the server cannot be
     reached, or refuses (a 404 for an unknown id)."""
     async def go() -> Job:
-        async with session(token) as s, asyncio.timeout(timeout):
+        async with open_session(token) as s, asyncio.timeout(timeout):
             return await wait_for_end(s, server.rstrip("/"), job_id)
     try:
         return asyncio.run(go())
@@ -372,7 +372,7 @@ async def act(session: aiohttp.ClientSession, server: str, args: argparse.Namesp
 
 async def run(args: argparse.Namespace) -> int:
     server = args.server.rstrip("/")
-    async with session(args.token) as s:
+    async with open_session(args.token) as s:
         try:
             return await act(s, server, args)
         except TokenNeeded as exc:

@@ -6,16 +6,29 @@ import re
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT, Procs, free_port, wait_until
+import client as library
+from tests.conftest import ROOT, Procs, free_port, port_open, stop, wait_until
 
 
-def client(procs: Procs, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "client.py", *args], cwd=ROOT, env=procs.env(),
+def client(procs: Procs, *args: str, timeout: float = 60,
+           token: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run client.py; JOBS_TOKEN is set only if a token is given, whatever the caller's is."""
+    env = {name: value for name, value in procs.env().items() if name != "JOBS_TOKEN"}
+    if token is not None:
+        env["JOBS_TOKEN"] = token
+    return subprocess.run([sys.executable, "client.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def no_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library reads JOBS_TOKEN: none from the environment of whoever runs the tests."""
+    monkeypatch.delenv("JOBS_TOKEN", raising=False)
 
 
 @pytest.fixture
@@ -108,3 +121,140 @@ def test_ctrl_c_is_quiet(procs: Procs, server: str) -> None:
     assert waiting.wait(timeout=20) == 130
     assert "Traceback" not in procs.log(waiting)
     assert "interrupted" in procs.log(waiting)
+
+
+def test_library_submit_then_wait_returns_the_done_job(procs: Procs, server: str) -> None:
+    procs.worker()
+    job = library.submit("hello library", server=server)
+    assert job["status"] == "queued" and re.fullmatch(r"[0-9a-f]{32}", job["id"])
+    done = library.wait(job["id"], server=server, timeout=30)
+    assert (done["id"], done["status"], done["result"]) == (job["id"], "done", "HELLO LIBRARY")
+
+
+def test_library_wait_raises_on_timeout_and_on_refusal(procs: Procs, server: str) -> None:
+    job = library.submit("nobody works", server=server)
+    with pytest.raises(TimeoutError, match=r"timed out after 0.3s waiting for job"):
+        library.wait(job["id"], server=server, timeout=0.3)
+    with pytest.raises(library.ServerError) as refused:
+        library.wait("0" * 32, server=server)
+    assert refused.value.status == 404 and refused.value.error
+    with pytest.raises(library.ServerError, match="cannot reach") as unreachable:
+        library.submit("x", server=f"http://127.0.0.1:{free_port()}")
+    assert unreachable.value.status is None
+
+
+def test_submit_with_a_delay_is_delayed_then_runs(procs: Procs, server: str) -> None:
+    job = library.submit("later", server=server, delay=60)
+    assert job["status"] == "delayed" and job["run_at"]
+    procs.worker()
+    result = client(procs, "--server", server, "--delay", "0.5", "soon")
+    assert (result.returncode, result.stdout) == (0, "SOON\n"), result.stderr
+    delayed = client(procs, "--server", server, "--list", "delayed")
+    assert job["id"] in delayed.stdout, delayed.stderr
+
+
+def test_list_done_shows_a_finished_job(procs: Procs, server: str) -> None:
+    procs.worker()
+    job = library.submit("listed   with\nspaces", server=server)
+    library.wait(job["id"], server=server, timeout=30)
+    listed = client(procs, "--server", server, "--list", "done")
+    assert listed.returncode == 0, listed.stderr
+    line = next(line for line in listed.stdout.splitlines() if line.startswith(job["id"]))
+    assert re.fullmatch(rf"{job['id']}  done       \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\S*"
+                        r"  listed with spaces", line), line
+    assert "1 done job" in listed.stderr
+    assert client(procs, "--server", server, "--list", "failed").stdout == ""
+
+
+def test_cancel_a_delayed_job(procs: Procs, server: str) -> None:
+    job = library.submit("never", server=server, delay=60)
+    cancelled = client(procs, "--server", server, "--cancel", job["id"])
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"job {job['id']}: cancelled" in cancelled.stderr
+    assert library.wait(job["id"], server=server, timeout=5)["status"] == "cancelled"
+    watched = client(procs, "--server", server, "--watch", job["id"])
+    assert (watched.returncode, watched.stdout) == (1, "")
+    assert f"job {job['id']} was cancelled" in watched.stderr
+    again = client(procs, "--server", server, "--cancel", job["id"])
+    assert again.returncode == 2 and "409" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+
+
+def test_cancel_a_running_job_ends_its_watcher(procs: Procs, server: str) -> None:
+    procs.worker("--handler", "handlers:asleep")
+    job = library.submit("30", server=server)
+    watching = procs.start(sys.executable, "client.py", "--server", server, "--watch", job["id"],
+                           log="watch.log")
+    wait_until(lambda: "running" in procs.log(watching), what="the job to run")
+    cancelled = client(procs, "--server", server, "--cancel", job["id"])
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "cancel requested" in cancelled.stderr
+    assert watching.wait(timeout=15) == 1
+    assert f"job {job['id']} was cancelled" in procs.log(watching)
+
+
+def test_retry_a_failed_job(procs: Procs, server: str) -> None:
+    failing = procs.worker("--handler", "handlers:fail", "--max-attempts", "1")
+    job = library.submit("again", server=server)
+    assert library.wait(job["id"], server=server, timeout=30)["status"] == "failed"
+    stop(failing, signal.SIGTERM)
+    procs.worker()  # the fixed handler
+    retried = client(procs, "--server", server, "--retry", job["id"])
+    assert (retried.returncode, retried.stdout) == (0, "AGAIN\n"), retried.stderr
+    assert f"retried job {job['id']}" in retried.stderr
+    refused = client(procs, "--server", server, "--retry", job["id"])  # done: not retried
+    assert refused.returncode == 2 and "409" in refused.stderr
+
+
+def test_stats(procs: Procs, server: str) -> None:
+    procs.worker("--concurrency", "3")
+    library.wait(library.submit("counted", server=server)["id"], server=server, timeout=30)
+    stats = client(procs, "--server", server, "--stats")
+    assert stats.returncode == 0, stats.stderr
+    lines = stats.stdout.splitlines()
+    assert lines[0].startswith("jobs ") and " done 1 " in f"{lines[0]} "
+    assert any(line.startswith("workers    1, 3 slots, 0 busy") for line in lines), lines
+    assert any(line.startswith("redis ") and "MiB used" in line for line in lines), lines
+
+
+@pytest.fixture
+def token_server(procs: Procs) -> Iterator[tuple[str, str]]:
+    """A server started with JOBS_TOKEN, and that token."""
+    port, token = free_port(), f"tok-{uuid.uuid4().hex}"
+    proc = procs.start(sys.executable, "server.py", "--port", str(port), log="server.log",
+                       env=procs.env(JOBS_TOKEN=token))
+    wait_until(lambda: port_open(port) or proc.poll() is not None, what="server to listen")
+    assert proc.poll() is None, procs.log(proc)
+    yield f"http://127.0.0.1:{port}", token
+
+
+def test_a_server_with_a_token(procs: Procs, token_server: tuple[str, str]) -> None:
+    server, token = token_server
+    procs.worker()
+    outputs = []
+    for args in (["x"], ["--list", "done"], ["--stats"], ["--watch", "0" * 32]):
+        refused = client(procs, "--server", server, *args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert refused.stderr.count("\n") == 1 and "needs a token" in refused.stderr, args
+        assert "--token" in refused.stderr and "JOBS_TOKEN" in refused.stderr
+        outputs.append(refused.stdout + refused.stderr)
+    wrong = client(procs, "--server", server, "--token", "not-it", "x")
+    assert wrong.returncode == 2 and "refused the token" in wrong.stderr, wrong.stderr
+    by_flag = client(procs, "--server", server, "--token", token, "by flag")
+    by_env = client(procs, "--server", server, "by env", token=token)
+    for result, expected in ((by_flag, "BY FLAG\n"), (by_env, "BY ENV\n")):
+        assert (result.returncode, result.stdout) == (0, expected), result.stderr
+    for args in (["--list", "done"], ["--stats"], ["--help"]):
+        shown = client(procs, "--server", server, *args, token=token)
+        assert shown.returncode == 0, (args, shown.stderr)
+        outputs.append(shown.stdout + shown.stderr)
+    assert "BY ENV" not in outputs[-3] and "by env" in outputs[-3]  # --list shows the input
+    outputs += [r.stdout + r.stderr for r in (wrong, by_flag, by_env)]
+    assert not [out for out in outputs if token in out]
+
+    with pytest.raises(library.TokenNeeded):
+        library.submit("no token", server=server)
+    job = library.submit("library", server=server, token=token)
+    assert library.wait(job["id"], server=server, token=token)["result"] == "LIBRARY"
+    with pytest.raises(library.TokenNeeded):
+        library.wait(job["id"], server=server)
