@@ -81,7 +81,10 @@ def test_connection_errors_exit_2_in_one_line(procs: Procs, server: str,
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args", [[], ["x", "--watch", "0" * 32]])
+@pytest.mark.parametrize("args", [
+    [], ["x", "--watch", "0" * 32], ["--stats", "--list", "done"], ["--delay", "1", "--stats"],
+    ["--delay", "-1", "x"], ["--limit", "5", "x"], ["--list", "done", "--limit", "0"],
+    ["--list", "finished"], ["--no-wait", "--watch", "0" * 32], ["--token", "", "x"]])
 def test_usage_errors_exit_2(procs: Procs, args: list[str]) -> None:
     result = client(procs, *args)
     assert result.returncode == 2
@@ -228,33 +231,55 @@ def token_server(procs: Procs) -> Iterator[tuple[str, str]]:
     yield f"http://127.0.0.1:{port}", token
 
 
-def test_a_server_with_a_token(procs: Procs, token_server: tuple[str, str]) -> None:
+def test_without_the_token_one_line_and_exit_2(procs: Procs,
+                                               token_server: tuple[str, str]) -> None:
     server, token = token_server
-    procs.worker()
-    outputs = []
-    for args in (["x"], ["--list", "done"], ["--stats"], ["--watch", "0" * 32]):
+    for args in (["x"], ["--list", "done"], ["--stats"], ["--watch", "0" * 32],
+                 ["--cancel", "0" * 32], ["--retry", "0" * 32]):
         refused = client(procs, "--server", server, *args)
         assert refused.returncode == 2, (args, refused.stderr)
-        assert refused.stderr.count("\n") == 1 and "needs a token" in refused.stderr, args
-        assert "--token" in refused.stderr and "JOBS_TOKEN" in refused.stderr
-        outputs.append(refused.stdout + refused.stderr)
+        assert refused.stdout == ""
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert "needs a token: give --token or set JOBS_TOKEN" in refused.stderr, refused.stderr
     wrong = client(procs, "--server", server, "--token", "not-it", "x")
-    assert wrong.returncode == 2 and "refused the token" in wrong.stderr, wrong.stderr
-    by_flag = client(procs, "--server", server, "--token", token, "by flag")
-    by_env = client(procs, "--server", server, "by env", token=token)
-    for result, expected in ((by_flag, "BY FLAG\n"), (by_env, "BY ENV\n")):
-        assert (result.returncode, result.stdout) == (0, expected), result.stderr
-    for args in (["--list", "done"], ["--stats"], ["--help"]):
-        shown = client(procs, "--server", server, *args, token=token)
-        assert shown.returncode == 0, (args, shown.stderr)
-        outputs.append(shown.stdout + shown.stderr)
-    assert "BY ENV" not in outputs[-3] and "by env" in outputs[-3]  # --list shows the input
-    outputs += [r.stdout + r.stderr for r in (wrong, by_flag, by_env)]
-    assert not [out for out in outputs if token in out]
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
+    assert "refused the token: check --token or JOBS_TOKEN" in wrong.stderr, wrong.stderr
+    assert token not in wrong.stderr
 
-    with pytest.raises(library.TokenNeeded):
+
+def test_the_token_works_and_is_never_printed(procs: Procs,
+                                             token_server: tuple[str, str]) -> None:
+    server, token = token_server
+    procs.worker()
+    by_flag = client(procs, "--server", server, "--token", token, "by flag")
+    assert (by_flag.returncode, by_flag.stdout) == (0, "BY FLAG\n"), by_flag.stderr
+    by_env = client(procs, "--server", server, "by env", token=token)
+    assert (by_env.returncode, by_env.stdout) == (0, "BY ENV\n"), by_env.stderr
+    listed = client(procs, "--server", server, "--list", "done", token=token)
+    assert listed.returncode == 0 and "by env" in listed.stdout, listed.stderr
+    results = [by_flag, by_env, listed]
+    results += [client(procs, "--server", server, *args, token=token)
+                for args in (["--stats"], ["--help"], ["--token", token, "--help"])]
+    assert [r.returncode for r in results] == [0] * len(results)
+    assert not [r.args for r in results if token in r.stdout + r.stderr]
+
+
+def test_library_with_a_token(procs: Procs, token_server: tuple[str, str]) -> None:
+    server, token = token_server
+    procs.worker()
+    with pytest.raises(library.TokenNeeded) as refused:
         library.submit("no token", server=server)
+    assert refused.value.status == 401 and token not in str(refused.value)
     job = library.submit("library", server=server, token=token)
     assert library.wait(job["id"], server=server, token=token)["result"] == "LIBRARY"
     with pytest.raises(library.TokenNeeded):
         library.wait(job["id"], server=server)
+
+
+def test_library_takes_the_token_from_jobs_token(procs: Procs, token_server: tuple[str, str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    server, token = token_server
+    procs.worker()
+    monkeypatch.setenv("JOBS_TOKEN", token)
+    job = library.submit("from the environment", server=server)
+    assert library.wait(job["id"], server=server)["result"] == "FROM THE ENVIRONMENT"
