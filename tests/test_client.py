@@ -169,6 +169,23 @@ def test_list_done_shows_a_finished_job(procs: Procs, server: str) -> None:
     assert client(procs, "--server", server, "--list", "failed").stdout == ""
 
 
+def test_list_follows_the_cursor_up_to_the_limit(procs: Procs, server: str,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    procs.worker()
+    ids = [library.submit(f"job {n}", server=server)["id"] for n in range(5)]
+    for job_id in ids:
+        library.wait(job_id, server=server, timeout=30)
+    monkeypatch.setattr(library, "PAGE", 2)  # pages of 2, so 3 requests for 5 jobs
+    assert library.main(["--server", server, "--list", "done", "--limit", "4"]) == 0
+    shown = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert len(shown) == 4 and set(shown) < set(ids)
+    assert library.main(["--server", server, "--list", "done", "--limit", "9"]) == 0
+    assert sorted(line.split()[0] for line in capsys.readouterr().out.splitlines()) == sorted(ids)
+    more = client(procs, "--server", server, "--list", "done", "--limit", "2")
+    assert len(more.stdout.splitlines()) == 2 and "there are more" in more.stderr
+
+
 def test_cancel_a_delayed_job(procs: Procs, server: str) -> None:
     job = library.submit("never", server=server, delay=60)
     cancelled = client(procs, "--server", server, "--cancel", job["id"])
