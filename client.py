@@ -211,11 +211,12 @@ async def follow(session: aiohttp.ClientSession, server: str, job_id: str) -> Jo
 
 
 async def wait_for_end(session: aiohttp.ClientSession, server: str, job_id: str) -> Job:
-    """The job once it has ended: GET /status, then `follow` it if it has not. No deadline of
-    its own: run it under `asyncio.timeout`."""
+    """The job once it has ended: GET /status, then `follow` it if it has not (the job with
+    the fields of its last message over them). No deadline of its own: run it under
+    `asyncio.timeout`."""
     job = await request_json(session, "GET", f"{server}/status", params={"id": job_id})
     if job["status"] not in TERMINAL:
-        return await follow(session, server, job_id)
+        return {**job, **await follow(session, server, job_id)}
     log.info("job %s: %s", job_id, job["status"])
     return job
 

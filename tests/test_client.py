@@ -127,11 +127,12 @@ def test_ctrl_c_is_quiet(procs: Procs, server: str) -> None:
 
 
 def test_library_submit_then_wait_returns_the_done_job(procs: Procs, server: str) -> None:
-    procs.worker()
     job = library.submit("hello library", server=server)
     assert job["status"] == "queued" and re.fullmatch(r"[0-9a-f]{32}", job["id"])
+    procs.worker()  # started after the submit, so wait() follows the job over the WebSocket
     done = library.wait(job["id"], server=server, timeout=30)
     assert (done["id"], done["status"], done["result"]) == (job["id"], "done", "HELLO LIBRARY")
+    assert (done["input"], done["created"]) == ("hello library", job["created"])
 
 
 def test_library_wait_raises_on_timeout_and_on_refusal(procs: Procs, server: str) -> None:
