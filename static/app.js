@@ -1,0 +1,585 @@
+// The dashboard's script: signs in if the server asks for a token, polls GET /stats (counts,
+// chart, workers), follows every job change on one EventSource (/feed), and sends the buttons'
+// POSTs. Job data only ever goes into the page through textContent, never as HTML.
+"use strict";
+
+const STATES = ["queued", "delayed", "running", "done", "failed", "cancelled"];
+const CANCELLABLE = new Set(["queued", "delayed", "running"]);
+const RETRYABLE = new Set(["failed", "cancelled"]);
+const STATS_EVERY = 2000; // ms between the end of one GET /stats and the next
+const MAX_ROWS = 200; // rows kept in the jobs table as new jobs arrive
+const PAGE = 50; // jobs asked for per GET /jobs
+
+const $ = (selector) => document.querySelector(selector);
+
+class Unauthorized extends Error {}
+
+// The page's state: what is running, and the rows of the jobs table by job id.
+const state = {
+  running: false,
+  feed: null,
+  feedLost: false,
+  statsTimer: 0,
+  statsBusy: false, // a GET /stats is on its way
+  statsAgain: false, // ... and another was asked for meanwhile
+  statsFailed: false,
+  noticeTimer: 0,
+  filter: "", // "" = the newest jobs of every state; else one state
+  cursor: null,
+  limit: MAX_ROWS,
+  rows: new Map(), // id -> {tr, job}
+  needInput: [], // ids whose row came from /feed, which does not carry the input
+  fetchingInput: false,
+};
+
+// ---- talking to the server ----
+
+async function api(method, path, body) {
+  const options = { method, headers: {} };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  if (response.status === 401 && path !== "/login") {
+    signedOut();
+    throw new Unauthorized("sign in needed");
+  }
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    const error = new Error((data && data.error) || `${method} ${path}: ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
+  return data;
+}
+
+// One line in the header; a message about an action fades after a while, a lasting problem
+// (the server unreachable) stays until it is over.
+function notify(text, isError = false, lasting = false) {
+  const notice = $("#notice");
+  notice.textContent = text;
+  notice.classList.toggle("error", isError);
+  clearTimeout(state.noticeTimer);
+  if (text && !lasting) state.noticeTimer = setTimeout(() => notify(""), 8000);
+}
+
+// Errors of actions the user took are shown; a 401 has already brought back the sign-in box.
+function report(error) {
+  if (!(error instanceof Unauthorized)) notify(error.message, true);
+}
+
+// ---- sign-in ----
+
+async function start() {
+  stop();
+  let auth;
+  try {
+    auth = await api("GET", "/auth");
+  } catch (error) {
+    if (!(error instanceof Unauthorized)) {
+      notify(`cannot reach the server: ${error.message}`, true, true);
+      setTimeout(start, 3000);
+    }
+    return;
+  }
+  $("#signin").hidden = true;
+  $("#app").hidden = false;
+  $("#signout").hidden = auth.auth !== "ok";
+  notify("");
+  state.running = true;
+  openFeed();
+  pollStats();
+  loadJobs();
+}
+
+function stop() {
+  state.running = false;
+  clearTimeout(state.statsTimer);
+  if (state.feed) state.feed.close();
+  state.feed = null;
+  setLive("off");
+}
+
+function signedOut() {
+  stop();
+  $("#app").hidden = true;
+  $("#signout").hidden = true;
+  $("#signin").hidden = false;
+  $("#token-input").focus();
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const input = $("#token-input");
+  const message = $("#signin-error");
+  message.textContent = "";
+  try {
+    await api("POST", "/login", { token: input.value });
+  } catch (error) {
+    message.textContent = error.status === 401 ? "That token is not right." : error.message;
+    input.select();
+    return;
+  }
+  input.value = ""; // the server keeps it in an HttpOnly cookie; the page keeps nothing
+  start();
+}
+
+async function signOut(event) {
+  event.preventDefault();
+  try {
+    await api("POST", "/logout");
+  } catch (error) {
+    report(error);
+    return;
+  }
+  signedOut();
+}
+
+// ---- GET /stats: counts, facts, chart, workers ----
+
+async function pollStats() {
+  clearTimeout(state.statsTimer);
+  if (state.statsBusy) {
+    state.statsAgain = true;
+    return;
+  }
+  if (!state.running) return;
+  state.statsBusy = true;
+  try {
+    showStats(await api("GET", "/stats"));
+    if (state.statsFailed) notify("");
+    state.statsFailed = false;
+  } catch (error) {
+    if (!(error instanceof Unauthorized)) {
+      notify(`cannot read /stats: ${error.message}`, true, true);
+      state.statsFailed = true;
+    }
+  } finally {
+    state.statsBusy = false;
+  }
+  if (state.statsAgain) {
+    state.statsAgain = false;
+    pollStats();
+  } else if (state.running) {
+    state.statsTimer = setTimeout(pollStats, STATS_EVERY);
+  }
+}
+
+function showStats(stats) {
+  for (const status of STATES) setText(`#count-${status}`, number(stats.jobs[status]));
+  setText("#queue-length", number(stats.queue_length));
+  setText("#delayed-length", number(stats.delayed));
+  setText("#dead-letter", number(stats.dead_letter));
+  setText("#oldest-queued", stats.oldest_queued_age == null ? "–" : age(stats.oldest_queued_age));
+  for (const [name, value] of Object.entries(stats.totals)) {
+    setText(`#total-${name}`, number(value));
+  }
+  const { used_memory: used, maxmemory: max } = stats.redis;
+  setText("#redis-memory", `${bytes(used)} / ${max ? bytes(max) : "no limit"}`);
+  drawChart(stats.done_per_minute);
+  showWorkers(stats.workers);
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(name, attributes) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  return element;
+}
+
+// One stacked bar a minute: done (green) below failed (red), scaled to the busiest minute.
+function drawChart(minutes) {
+  const chart = $("#chart");
+  // Drawn in the chart's own pixels, so text and bars are never stretched.
+  const width = Math.round(chart.clientWidth) || 600, height = Math.round(chart.clientHeight) || 160;
+  const top = 16;
+  chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  const slot = width / Math.max(minutes.length, 1);
+  const peak = Math.max(1, ...minutes.map((m) => m.done + m.failed));
+  const scale = (height - top) / peak;
+  const parts = [
+    svg("line", { x1: 0, y1: height - 0.5, x2: width, y2: height - 0.5, class: "baseline" }),
+    svg("line", { x1: 0, y1: top, x2: width, y2: top, class: "gridline" }),
+  ];
+  const label = svg("text", { x: 2, y: top - 4, class: "peak" });
+  label.textContent = `${number(peak)}/min`;
+  parts.push(label);
+  minutes.forEach((m, i) => {
+    const x = i * slot + slot * 0.15, w = slot * 0.7;
+    const done = m.done * scale, failed = m.failed * scale;
+    const group = svg("g", {});
+    const title = svg("title", {});
+    title.textContent = `${clock(m.minute, false)}: ${m.done} done, ${m.failed} failed`;
+    group.append(title);
+    group.append(svg("rect", { x, y: 0, width: slot, height, class: "hover" }));
+    if (done) group.append(svg("rect", { x, y: height - done, width: w, height: done, class: "done" }));
+    if (failed) {
+      group.append(svg("rect", { x, y: height - done - failed, width: w, height: failed,
+                                 class: "failed" }));
+    }
+    parts.push(group);
+  });
+  chart.replaceChildren(...parts);
+}
+
+function showWorkers(workers) {
+  const rows = workers.map((w) => {
+    const tr = document.createElement("tr");
+    tr.dataset.name = w.name;
+    const running = document.createElement("td");
+    running.className = "ids";
+    running.textContent = `${w.running.length}/${w.concurrency}`;
+    for (const id of w.running) {
+      const code = document.createElement("code");
+      code.textContent = id.slice(0, 8);
+      code.title = id;
+      running.append(" ", code);
+    }
+    const heartbeat = cell(ago(w.last_heartbeat));
+    heartbeat.title = w.last_heartbeat;
+    tr.append(cell(w.name, "name"), cell(w.host), cell(String(w.pid)),
+              cell(String(w.concurrency)), running, heartbeat);
+    return tr;
+  });
+  $("#workers tbody").replaceChildren(...rows);
+  $("#workers-empty").hidden = workers.length > 0;
+}
+
+// ---- the jobs table ----
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function button(className, text, action) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = className;
+  b.textContent = text;
+  b.addEventListener("click", action);
+  return b;
+}
+
+// Is `message` newer than what the row shows? The version says; a row read from GET /jobs
+// (whose summaries carry no version) is compared by `updated`, which the server always
+// writes in one format (UTC, microseconds), so the strings sort as the times do.
+function newer(message, job) {
+  if (message.version != null && job.version != null) return message.version > job.version;
+  return !job.updated || (message.updated || "") >= job.updated;
+}
+
+function renderRow(tr, job) {
+  tr.dataset.status = job.status;
+  const id = cell(job.id.slice(0, 8), "id");
+  id.title = job.id;
+  const status = cell(job.status, `status status-${job.status}`);
+  const input = cell(job.input ?? "", "text");
+  input.title = job.input ?? "";
+  const outcome = job.error && job.status !== "done" ? job.error : job.result || "";
+  const result = cell(outcome, job.error && job.status !== "done" ? "text error" : "text");
+  result.title = outcome;
+  const updated = cell(clock(job.updated, true), "time");
+  updated.title = job.updated || "";
+  if (job.status === "delayed" && job.run_at) updated.title += ` · due ${job.run_at}`;
+  const actions = cell("", "actions");
+  if (RETRYABLE.has(job.status)) actions.append(button("retry", "Retry", () => retry(job.id)));
+  if (CANCELLABLE.has(job.status)) {
+    const cancelButton = button("cancel", "Cancel", () => cancel(job.id));
+    if (job.cancel_requested && job.status === "running") {
+      cancelButton.disabled = true;
+      cancelButton.textContent = "Cancelling";
+    }
+    actions.append(cancelButton);
+  }
+  tr.replaceChildren(id, status, input, result, cell(String(job.attempts ?? ""), "num"),
+                     updated, actions);
+}
+
+function addRow(job, atTop) {
+  const tr = document.createElement("tr");
+  tr.dataset.id = job.id;
+  const entry = { tr, job: { ...job } };
+  renderRow(tr, entry.job);
+  state.rows.set(job.id, entry);
+  const body = $("#jobs tbody");
+  if (atTop) body.prepend(tr);
+  else body.append(tr);
+  return entry;
+}
+
+// Drop the oldest rows beyond the limit (they are at the bottom).
+function trimRows() {
+  const body = $("#jobs tbody");
+  while (body.rows.length > state.limit) {
+    const last = body.lastElementChild;
+    state.rows.delete(last.dataset.id);
+    last.remove();
+  }
+  $("#jobs-empty").hidden = body.rows.length > 0;
+}
+
+// A job message (from /feed or a POST's answer): update its row if newer, or add it on top.
+function apply(message) {
+  const entry = state.rows.get(message.id);
+  if (entry) {
+    if (!newer(message, entry.job)) return;
+    Object.assign(entry.job, message);
+    if (!("cancel_requested" in message) && message.status !== "running") {
+      delete entry.job.cancel_requested;
+    }
+    renderRow(entry.tr, entry.job);
+  } else if (!state.filter || state.filter === message.status) {
+    addRow(message, true);
+    if (message.input === undefined) wantInput(message.id);
+    trimRows();
+  }
+}
+
+// /feed messages carry no input: read it from GET /status, a few jobs at a time.
+function wantInput(id) {
+  state.needInput.push(id);
+  if (state.needInput.length > MAX_ROWS) state.needInput.shift();
+  if (!state.fetchingInput) fillInputs();
+}
+
+async function fillInputs() {
+  state.fetchingInput = true;
+  while (state.running && state.needInput.length) {
+    const ids = state.needInput.splice(0, 4).filter((id) => state.rows.has(id));
+    const jobs = await Promise.all(ids.map((id) =>
+      api("GET", `/status?id=${encodeURIComponent(id)}`).catch(() => null)));
+    for (const job of jobs) {
+      const entry = job && state.rows.get(job.id);
+      if (!entry) continue;
+      entry.job.input = job.input;
+      if (newer(job, entry.job)) Object.assign(entry.job, job);
+      renderRow(entry.tr, entry.job);
+    }
+  }
+  state.needInput = [];
+  state.fetchingInput = false;
+}
+
+// Fill the table afresh: one state's newest jobs, or the newest of every state.
+async function loadJobs() {
+  const filter = state.filter;
+  let jobs, cursor = null;
+  try {
+    if (filter) {
+      const page = await api("GET", `/jobs?status=${filter}&limit=${PAGE}`);
+      jobs = page.jobs;
+      cursor = page.next_cursor;
+    } else {
+      const pages = await Promise.all(
+        STATES.map((s) => api("GET", `/jobs?status=${s}&limit=${PAGE}`)));
+      jobs = pages.flatMap((page) => page.jobs);
+      jobs.sort((a, b) => (a.updated < b.updated ? 1 : a.updated > b.updated ? -1 : 0));
+      jobs = jobs.slice(0, MAX_ROWS);
+    }
+  } catch (error) {
+    report(error);
+    return;
+  }
+  if (filter !== state.filter) return; // another tab was chosen meanwhile
+  // Keep what /feed already told us about a job when it is newer than this read.
+  const known = state.rows;
+  state.rows = new Map();
+  $("#jobs tbody").replaceChildren();
+  state.limit = MAX_ROWS;
+  for (const job of jobs) {
+    const old = known.get(job.id);
+    addRow(old && !newer(job, old.job) ? { ...job, ...old.job } : job, false);
+  }
+  state.cursor = cursor;
+  $("#more").hidden = !cursor;
+  trimRows();
+}
+
+async function loadMore() {
+  const filter = state.filter;
+  if (!filter || !state.cursor) return;
+  let page;
+  try {
+    page = await api("GET",
+      `/jobs?status=${filter}&limit=${PAGE}&cursor=${encodeURIComponent(state.cursor)}`);
+  } catch (error) {
+    report(error);
+    return;
+  }
+  if (filter !== state.filter) return;
+  for (const job of page.jobs) if (!state.rows.has(job.id)) addRow(job, false);
+  state.limit = Math.max(state.limit, state.rows.size);
+  state.cursor = page.next_cursor;
+  $("#more").hidden = !state.cursor;
+  trimRows();
+}
+
+function chooseTab(event) {
+  const target = event.target.closest("button[data-status]");
+  if (!target) return;
+  for (const b of document.querySelectorAll("#tabs button")) {
+    b.setAttribute("aria-pressed", String(b === target));
+  }
+  state.filter = target.dataset.status;
+  loadJobs();
+}
+
+// ---- actions ----
+
+async function retry(id) {
+  try {
+    apply(await api("POST", `/jobs/${id}/retry`));
+  } catch (error) {
+    report(error);
+  }
+}
+
+async function cancel(id) {
+  try {
+    apply(await api("POST", `/jobs/${id}/cancel`));
+  } catch (error) {
+    report(error);
+  }
+}
+
+async function retryAll() {
+  try {
+    const { retried } = await api("POST", "/jobs/retry-failed");
+    notify(`${retried} failed job${retried === 1 ? "" : "s"} queued again`);
+  } catch (error) {
+    report(error);
+  }
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  const input = $("#submit-input");
+  const delay = $("#submit-delay");
+  const body = { input: input.value };
+  if (delay.value !== "") body.delay = Number(delay.value);
+  const message = $("#submit-message");
+  message.classList.remove("error");
+  try {
+    const job = await api("POST", "/submit", body);
+    apply(job);
+    message.textContent = `submitted ${job.id.slice(0, 8)} (${job.status})`;
+    input.value = "";
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+    message.textContent = error.message;
+    message.classList.add("error");
+  }
+}
+
+// ---- GET /feed: every job change ----
+
+function setLive(live) {
+  const badge = $("#live");
+  badge.dataset.state = live;
+  badge.textContent = { on: "live", lost: "reconnecting", off: "offline" }[live];
+}
+
+function openFeed() {
+  const feed = new EventSource("/feed");
+  state.feed = feed;
+  feed.onopen = () => {
+    setLive("on");
+    if (state.feedLost) { // what changed while it was down was not sent: read it again
+      state.feedLost = false;
+      pollStats();
+      loadJobs();
+    }
+  };
+  feed.onmessage = (event) => {
+    let messages;
+    try {
+      messages = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    if (Array.isArray(messages)) messages.forEach(apply);
+  };
+  feed.onerror = () => {
+    if (state.feed !== feed) return;
+    state.feedLost = true;
+    setLive("lost");
+    if (feed.readyState === EventSource.CLOSED) { // refused (say, 401): it will not retry
+      feed.close();
+      setTimeout(() => {
+        if (state.feed === feed && state.running) recheck();
+      }, 2000);
+    }
+  };
+}
+
+// The feed was refused: signed out (api() shows the box), or the server is down (try again).
+async function recheck() {
+  try {
+    await api("GET", "/auth");
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+  }
+  if (state.running) openFeed();
+}
+
+// ---- formatting ----
+
+function setText(selector, text) {
+  const element = $(selector);
+  if (element && element.textContent !== text) element.textContent = text;
+}
+
+function number(n) {
+  return n == null ? "–" : Number(n).toLocaleString("en-US");
+}
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
+
+function age(seconds) {
+  if (seconds < 60) return `${seconds.toFixed(seconds < 10 && seconds % 1 ? 1 : 0)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.floor(seconds % 60)} s`;
+  return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+}
+
+function ago(time) {
+  const seconds = Math.round((Date.now() - Date.parse(time)) / 1000);
+  if (Number.isNaN(seconds)) return "–";
+  return seconds < 1 ? "just now" : `${age(seconds)} ago`;
+}
+
+function clock(time, seconds) {
+  const date = new Date(time);
+  if (Number.isNaN(date.getTime())) return "";
+  return date.toLocaleTimeString("en-GB", seconds ? {} : { hour: "2-digit", minute: "2-digit" });
+}
+
+// ---- wiring ----
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#signin-form").addEventListener("submit", signIn);
+  $("#signout").addEventListener("click", signOut);
+  $("#submit-form").addEventListener("submit", submitJob);
+  $("#tabs").addEventListener("click", chooseTab);
+  $("#retry-all").addEventListener("click", retryAll);
+  $("#more").addEventListener("click", loadMore);
+  start();
+});
