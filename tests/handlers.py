@@ -52,3 +52,22 @@ async def asleep(text: str) -> str:
     """The async twin of slow: await for the number of seconds given as input."""
     await asyncio.sleep(float(text))
     return text
+
+
+def flaky(path: str) -> str:
+    """Fail the first time it sees an input (a file path: it creates the file), then succeed."""
+    try:
+        with open(path, "x"):
+            pass
+    except FileExistsError:
+        return "second try"
+    raise RuntimeError("first try fails")
+
+
+def demo(text: str) -> str:
+    """For the dashboard's screenshot: "fail ..." raises, "sleep N" sleeps N s, else upper-case."""
+    if text.startswith("fail"):
+        raise ValueError(f"cannot handle {text!r}")
+    if text.startswith("sleep "):
+        time.sleep(float(text.split()[1]))
+    return text.upper()

@@ -1,0 +1,174 @@
+"""The dashboard (static/, served at /) in a real browser: Debian's chromium driven by Playwright,
+against a real server.py and worker.py. Needs `chromium` on PATH (apt-get install chromium) or
+$CHROMIUM, like test_browser.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+
+from tests.conftest import Procs, free_port
+
+TOKEN = "dashboard-test-token"
+DIGITS = re.compile(r"^[\d,]+$")  # a count, as the page shows it
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if executable is None:
+        pytest.fail("the browser tests need chromium: apt-get install chromium (or set CHROMIUM)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable)
+        yield browser
+        browser.close()
+
+
+class Console:
+    """What the page said on its console, and the errors it threw."""
+
+    def __init__(self, page: Page) -> None:
+        self.messages: list[str] = []
+        page.on("console", self.heard)
+        page.on("pageerror", lambda exc: self.messages.append(f"pageerror: {exc}"))
+
+    def heard(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "warning"):
+            self.messages.append(f"{message.type}: {message.text} ({message.location})")
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+
+
+def start(procs: Procs, *worker_args: str) -> str:
+    """A server and one worker (with worker_args); the server's base URL."""
+    port = free_port()
+    procs.server(port)
+    procs.worker(*worker_args)
+    return f"http://127.0.0.1:{port}"
+
+
+def post(url: str, body: dict[str, Any] | None = None) -> Any:
+    """POST JSON with plain HTTP, as a client that is not the page; the JSON answer."""
+    data = json.dumps(body or {}).encode()
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def open_dashboard(page: Page, base: str) -> None:
+    """Load the page and wait until it is live: /feed open and /stats shown."""
+    page.goto(f"{base}/")
+    expect(page.locator("#live")).to_have_text("live")
+    expect(page.locator("#count-done")).to_have_text(DIGITS)
+
+
+
+def status_cell(page: Page, job_id: str) -> Any:
+    return page.locator(f'tr[data-id="{job_id}"] .status')
+
+
+def test_the_page_loads_without_console_errors_or_warnings(page: Page, procs: Procs) -> None:
+    console = Console(page)
+    base = start(procs)
+    before = post(f"{base}/submit", {"input": "before the page"})
+    open_dashboard(page, base)
+    expect(status_cell(page, before["id"])).to_have_text("done")  # seeded from GET /jobs
+    after = post(f"{base}/submit", {"input": "after the page"})
+    expect(status_cell(page, after["id"])).to_have_text("done")  # from /feed
+    expect(page.locator(f'tr[data-id="{after["id"]}"]')).to_contain_text("after the page")
+    expect(page.locator("#workers tbody tr")).to_have_count(1)
+    expect(page.locator("#chart rect.done")).not_to_have_count(0)
+    assert console.messages == []
+
+
+def test_a_job_submitted_over_http_appears_and_turns_done_without_a_reload(
+        page: Page, procs: Procs, tmp_path: Path) -> None:
+    base = start(procs, "--handler", "handlers:gate")
+    open_dashboard(page, base)
+    page.evaluate("window.notReloaded = true")
+    gate = tmp_path / "gate"
+    job = post(f"{base}/submit", {"input": str(gate)})
+    expect(status_cell(page, job["id"])).to_have_text("running")
+    gate.touch()
+    expect(status_cell(page, job["id"])).to_have_text("done")
+    expect(page.locator(f'tr[data-id="{job["id"]}"]')).to_contain_text("through")
+    assert page.evaluate("window.notReloaded") is True
+
+
+def test_retry_makes_a_failed_job_done(page: Page, procs: Procs, tmp_path: Path) -> None:
+    base = start(procs, "--handler", "handlers:flaky", "--max-attempts", "1")
+    open_dashboard(page, base)
+    job = post(f"{base}/submit", {"input": str(tmp_path / "seen")})
+    row = page.locator(f'tr[data-id="{job["id"]}"]')
+    expect(status_cell(page, job["id"])).to_have_text("failed")
+    expect(row).to_contain_text("first try fails")
+    row.locator("button.retry").click()
+    expect(status_cell(page, job["id"])).to_have_text("done")
+    expect(row.locator("button.retry")).to_have_count(0)
+    assert get(f"{base}/status?id={job['id']}")["result"] == "second try"
+
+
+def test_cancel_makes_a_delayed_job_cancelled(page: Page, procs: Procs) -> None:
+    base = start(procs)
+    open_dashboard(page, base)
+    page.fill("#submit-input", "not before an hour")
+    page.fill("#submit-delay", "3600")
+    page.click("#submit-button")
+    row = page.locator("#jobs tbody tr", has=page.locator(".status", has_text="delayed"))
+    expect(row).to_have_count(1)
+    job_id = row.get_attribute("data-id")
+    assert job_id is not None
+    row.locator("button.cancel").click()
+    expect(status_cell(page, job_id)).to_have_text("cancelled")
+    expect(page.locator(f'tr[data-id="{job_id}"] button.cancel')).to_have_count(0)
+    assert get(f"{base}/status?id={job_id}")["status"] == "cancelled"
+
+
+def test_token_sign_in(page: Page, procs: Procs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOBS_TOKEN", TOKEN)
+    base = start(procs)
+    page.goto(f"{base}/")
+    expect(page.locator("#signin")).to_be_visible()
+    expect(page.locator("#app")).to_be_hidden()
+
+    page.fill("#token-input", "not the token")
+    page.click("#token-button")
+    expect(page.locator("#signin-error")).to_be_visible()
+    expect(page.locator("#signin-error")).not_to_be_empty()
+    expect(page.locator("#app")).to_be_hidden()
+
+    page.fill("#token-input", TOKEN)
+    page.click("#token-button")
+    expect(page.locator("#signin")).to_be_hidden()
+    expect(page.locator("#count-done")).to_have_text(DIGITS)
+    expect(page.locator("#live")).to_have_text("live")
+    [cookie] = page.context.cookies()
+    assert cookie["httpOnly"] is True, cookie
+    assert TOKEN not in page.evaluate("document.cookie")  # the script cannot read it
+    assert page.locator("#token-input").input_value() == ""
+
+    page.click("#signout")
+    expect(page.locator("#signin")).to_be_visible()
+    assert page.context.cookies() == [] or page.context.cookies()[0]["value"] != TOKEN
