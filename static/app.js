@@ -245,7 +245,9 @@ function showWorkers(workers) {
     }
     const heartbeat = cell(ago(w.last_heartbeat));
     heartbeat.title = w.last_heartbeat;
-    tr.append(cell(w.name, "name"), cell(w.host), cell(String(w.pid)),
+    const name = cell(w.name, "name");
+    name.title = `${w.name}, started ${w.started}`;
+    tr.append(name, cell(w.host), cell(String(w.pid)),
               cell(String(w.concurrency)), running, heartbeat);
     return tr;
   });
