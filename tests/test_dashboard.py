@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.conftest import Procs, free_port
+from tests.conftest import Procs, enqueue, free_port, stop
 
 TOKEN = "dashboard-test-token"
 DIGITS = re.compile(r"^[\d,]+$")  # a count, as the page shows it
@@ -169,6 +170,28 @@ def test_token_sign_in(page: Page, procs: Procs, monkeypatch: pytest.MonkeyPatch
     assert TOKEN not in page.evaluate("document.cookie")  # the script cannot read it
     assert page.locator("#token-input").input_value() == ""
 
+
+    page.context.clear_cookies()  # signed out behind its back: the next poll gets a 401
+    expect(page.locator("#signin")).to_be_visible()
+    expect(page.locator("#app")).to_be_hidden()
+
+    page.fill("#token-input", TOKEN)
+    page.click("#token-button")
+    expect(page.locator("#count-done")).to_have_text(DIGITS)
     page.click("#signout")
     expect(page.locator("#signin")).to_be_visible()
-    assert page.context.cookies() == [] or page.context.cookies()[0]["value"] != TOKEN
+    assert all(cookie["value"] != TOKEN for cookie in page.context.cookies())
+
+
+def test_when_the_feed_comes_back_the_page_reads_the_lists_again(
+        page: Page, procs: Procs, r: redis.Redis, prefix: str) -> None:
+    port = free_port()
+    server = procs.server(port)  # no worker: nothing changes unless the page reads it
+    open_dashboard(page, f"http://127.0.0.1:{port}")
+    stop(server)
+    expect(page.locator("#live")).to_have_text("reconnecting")
+    job_id = enqueue(r, prefix, "queued while the server was down")  # no server heard it
+    procs.server(port)
+    expect(page.locator("#live")).to_have_text("live")
+    expect(status_cell(page, job_id)).to_have_text("queued")
+    expect(page.locator("#count-queued")).to_have_text("1")
