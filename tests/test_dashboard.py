@@ -96,9 +96,13 @@ def test_the_page_loads_without_console_errors_or_warnings(page: Page, procs: Pr
     before = post(f"{base}/submit", {"input": "before the page"})
     open_dashboard(page, base)
     expect(status_cell(page, before["id"])).to_have_text("done")  # seeded from GET /jobs
-    after = post(f"{base}/submit", {"input": "after the page"})
+    markup = '<img src="x" onerror="window.pwned = 1"> after the page'
+    after = post(f"{base}/submit", {"input": markup})
     expect(status_cell(page, after["id"])).to_have_text("done")  # from /feed
-    expect(page.locator(f'tr[data-id="{after["id"]}"]')).to_contain_text("after the page")
+    row = page.locator(f'tr[data-id="{after["id"]}"]')
+    expect(row).to_contain_text(markup)  # shown as text, never parsed as HTML
+    expect(row.locator("img")).to_have_count(0)
+    assert page.evaluate("window.pwned") is None
     expect(page.locator("#workers tbody tr")).to_have_count(1)
     expect(page.locator("#chart rect.done")).not_to_have_count(0)
     assert console.messages == []
