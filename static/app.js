@@ -9,6 +9,7 @@ const RETRYABLE = new Set(["failed", "cancelled"]);
 const STATS_EVERY = 2000; // ms between the end of one GET /stats and the next
 const MAX_ROWS = 200; // rows kept in the jobs table as new jobs arrive
 const PAGE = 50; // jobs asked for per GET /jobs
+const SHOWN = 256; // characters of an input or result shown (GET /jobs cuts them to 256 bytes)
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -286,9 +287,9 @@ function renderRow(tr, job) {
   const id = cell(job.id.slice(0, 8), "id");
   id.title = job.id;
   const status = cell(job.status, `status status-${job.status}`);
-  const input = cell(job.input ?? "", "text");
-  input.title = job.input ?? "";
-  const outcome = job.error && job.status !== "done" ? job.error : job.result || "";
+  const input = cell(clip(job.input ?? ""), "text");
+  input.title = input.textContent;
+  const outcome = clip(job.error && job.status !== "done" ? job.error : job.result || "");
   const result = cell(outcome, job.error && job.status !== "done" ? "text error" : "text");
   result.title = outcome;
   const updated = cell(clock(job.updated, true), "time");
@@ -348,7 +349,8 @@ function apply(message) {
   }
 }
 
-// /feed messages carry no input: read it from GET /status, a few jobs at a time.
+// /feed messages carry no input: read it from GET /status, a few jobs at a time, the newest
+// (top rows) first; a row gone from the table by then is skipped.
 function wantInput(id) {
   state.needInput.push(id);
   if (state.needInput.length > MAX_ROWS) state.needInput.shift();
@@ -358,7 +360,7 @@ function wantInput(id) {
 async function fillInputs() {
   state.fetchingInput = true;
   while (state.running && state.needInput.length) {
-    const ids = state.needInput.splice(0, 4).filter((id) => state.rows.has(id));
+    const ids = state.needInput.splice(-4).filter((id) => state.rows.has(id));
     const jobs = await Promise.all(ids.map((id) =>
       api("GET", `/status?id=${encodeURIComponent(id)}`).catch(() => null)));
     for (const job of jobs) {
@@ -540,6 +542,10 @@ async function recheck() {
 function setText(selector, text) {
   const element = $(selector);
   if (element && element.textContent !== text) element.textContent = text;
+}
+
+function clip(text) {
+  return text.length > SHOWN ? `${text.slice(0, SHOWN)}…` : text;
 }
 
 function number(n) {
