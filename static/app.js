@@ -93,6 +93,7 @@ async function start() {
   $("#signin").hidden = true;
   $("#app").hidden = false;
   $("#signout").hidden = auth.auth !== "ok";
+  $("#live").hidden = false;
   notify("");
   state.running = true;
   openFeed();
@@ -112,6 +113,7 @@ function signedOut() {
   stop();
   $("#app").hidden = true;
   $("#signout").hidden = true;
+  $("#live").hidden = true;
   $("#signin").hidden = false;
   $("#token-input").focus();
 }
