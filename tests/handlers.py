@@ -54,7 +54,7 @@ async def asleep(text: str) -> str:
     return text
 
 
-def flaky(path: str) -> str:
+def fails_once(path: str) -> str:
     """Fail the first time it sees an input (a file path: it creates the file), then succeed."""
     try:
         with open(path, "x"):
@@ -71,3 +71,28 @@ def demo(text: str) -> str:
     if text.startswith("sleep "):
         time.sleep(float(text.split()[1]))
     return text.upper()
+
+
+def flaky(text: str) -> str:
+    """By the input: "always:..." fails every try; "once:PATH" fails the try that creates the
+    file PATH (atomically, so workers in other processes agree) and succeeds after; anything
+    else succeeds, upper-cased."""
+    kind, _, rest = text.partition(":")
+    if kind == "always":
+        raise ValueError(f"{text} always fails")
+    if kind == "once":
+        try:
+            os.close(os.open(rest, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return text.upper()
+        raise ValueError(f"{text} fails on its first try")
+    return text.upper()
+
+
+def nap(text: str) -> str:
+    """Sleep for the number of seconds given as input in 10 ms steps of Python code, so an
+    exception raised into the thread (a cancel, a timeout) lands within 10 ms."""
+    end = time.monotonic() + float(text)
+    while time.monotonic() < end:
+        time.sleep(0.01)
+    return text

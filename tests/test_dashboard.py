@@ -123,7 +123,7 @@ def test_a_job_submitted_over_http_appears_and_turns_done_without_a_reload(
 
 
 def test_retry_makes_a_failed_job_done(page: Page, procs: Procs, tmp_path: Path) -> None:
-    base = start(procs, "--handler", "handlers:flaky", "--max-attempts", "1")
+    base = start(procs, "--handler", "handlers:fails_once", "--max-attempts", "1")
     open_dashboard(page, base)
     job = post(f"{base}/submit", {"input": str(tmp_path / "seen")})
     row = page.locator(f'tr[data-id="{job["id"]}"]')
