@@ -639,6 +639,25 @@ async def test_cancel_a_running_job(client: Client, procs: Procs, r: redis.Redis
     assert r.smembers(f"{prefix}:stop:" + ended["worker"].rsplit("/", 1)[0]) == set()
 
 
+async def test_cancel_a_job_whose_worker_died(client: Client, procs: Procs, r: redis.Redis,
+                                              prefix: str) -> None:
+    """Asked to stop after its worker was killed: whoever reclaims the job ends it cancelled,
+    rather than running it again."""
+    dead = await start_worker(procs, r, prefix, "--handler", "handlers:slow", "--lease", "3")
+    job = await call(client, "POST", "/submit", 201, json={"input": "30"})
+    await wait_status(r, prefix, job["id"], "running", within=10)
+    stop(dead)  # SIGKILL: its lease runs out within 3 s
+    assert (await call(client, "POST", f"/jobs/{job['id']}/cancel", 202))["cancel_requested"]
+    await start_worker(procs, r, prefix, "--handler", "handlers:slow", "--lease", "3")
+    await wait_status(r, prefix, job["id"], "cancelled", within=10)
+    ended = await call(client, "GET", f"/status?id={job['id']}", 200)
+    assert (ended["attempts"], ended["result"]) == (1, "")
+    assert r.llen(Keys(prefix).queue) == 0
+    numbers = await stats(client)
+    assert (numbers["totals"]["cancelled"], numbers["totals"]["retried"],
+            numbers["jobs"]["running"]) == (1, 0, 0)
+
+
 # 5 -- retry --------------------------------------------------------------------------------------
 
 async def test_retry_a_failed_job(client: Client, procs: Procs, r: redis.Redis, prefix: str,
@@ -985,8 +1004,6 @@ def test_fuzzing_left_no_trace(fuzz_server: Fuzz) -> None:
     """Runs after the fuzz tests (file order): no traceback, and only what accepted submits,
     cancels and retries write, each job whole and in exactly the place its state says."""
     procs, server, base, r, prefix, _ = fuzz_server
-    log = procs.log(server)
-    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
     keys = Keys(prefix)
     jobs = {key.rsplit(":", 1)[1]: r.hgetall(key) for key in r.scan_iter(match=keys.job("*"))}
     allowed = {keys.queue, keys.delayed, keys.counters, *(keys.index(s) for s in STATES),
@@ -1012,6 +1029,8 @@ def test_fuzzing_left_no_trace(fuzz_server: Fuzz) -> None:
         j["status"] == "cancelled" for j in jobs.values())
     status, numbers = plain(base, "GET", "/stats")
     assert status == 200 and numbers["totals"]["submitted"] == len(jobs)
+    log = procs.log(server)
+    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
 
 
 # 9 -- /feed --------------------------------------------------------------------------------------
