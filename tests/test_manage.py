@@ -335,6 +335,24 @@ async def test_a_wrong_login_is_401_with_a_challenge(make_client: MakeClient) ->
     assert response.headers.get("WWW-Authenticate") == "Bearer"
 
 
+@pytest.mark.parametrize("header", [b"Authorization: Bearer \xff\xfe", b"Cookie: jobs_token=\xff"])
+async def test_a_credential_that_is_not_utf8_is_401(make_client: MakeClient,
+                                                    header: bytes) -> None:
+    """Bytes that are not UTF-8 where the token goes: a wrong token, not a server error."""
+    client = await make_client(token=TOKEN)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(b"GET /stats HTTP/1.1\r\nHost: x\r\n" + header
+                     + b"\r\nConnection: close\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 "), reply[:300]
+    assert b"WWW-Authenticate: Bearer" in head and "error" in json.loads(body)
+
+
 async def test_without_a_token_auth_says_none(client: Client) -> None:
     assert await call(client, "GET", "/auth", 200) == {"auth": "none"}
     response = await client.post("/login", json={"token": "anything"})
