@@ -74,12 +74,13 @@ POOL_SIZE = 128  # Redis connections; a request waits for a free one rather than
 POOL_WAIT = 5.0  # seconds a request waits for a pooled connection before 503
 BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dropped
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-CURSOR = re.compile(r"([0-9][0-9.e+]*)-([0-9a-f]{32})")  # a next_cursor of GET /jobs
+CURSOR = re.compile(r"([0-9]{1,17})-([0-9a-f]{32})")  # a next_cursor of GET /jobs
 PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most
 FEED_EVERY = 0.25  # seconds between the batches of /feed
 FEED_MAX = 500  # jobs in one batch at most: the newest changed (the page shows fewer)
 STATIC = Path(__file__).resolve().parent / "static"  # the dashboard
+STATIC_FILES = frozenset(("index.html", "app.js", "style.css"))
 MESSAGE_FIELDS = ("id", "status", "result", "error", "attempts", "updated", "version")
 
 
@@ -447,7 +448,7 @@ def due_of(data: dict[str, object]) -> float | None:
                                             'like 2026-12-01T09:30:00+01:00')
         if when.timestamp() > time.time() + MAX_DELAY:
             raise error(web.HTTPBadRequest, f'"run_at" must be within {MAX_DELAY} s from now')
-        return when.timestamp()
+        return max(when.timestamp(), 0.0)  # past: due now (before 1970: stored as 1970)
     return None
 
 
@@ -514,7 +515,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     if status not in STATES:
         raise error(web.HTTPBadRequest, f"status must be one of: {', '.join(STATES)}")
     text = request.query.get("limit", str(PAGE))
-    limit = int(text) if text.isdigit() else 0
+    limit = int(text) if text.isascii() and text.isdigit() else 0
     if not 1 <= limit <= MAX_PAGE:
         raise error(web.HTTPBadRequest, f"limit must be a whole number from 1 to {MAX_PAGE}")
     score, after = "+inf", ""
@@ -528,7 +529,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     jobs = [{"id": entry[0], **dict(zip(entry[1::2], entry[2::2], strict=True))}
             for entry in reply]
     for job in jobs:
-        job["attempts"] = int(job.get("attempts", 0))
+        job["attempts"], job["version"] = int(job.get("attempts", 0)), int(job.get("version", 0))
     return web.json_response({"jobs": jobs, "next_cursor": next_cursor})
 
 
@@ -783,12 +784,23 @@ COOKIE = "jobs_token"
 OPEN = frozenset({"/", "/healthz", "/login"})  # with /static/: no token needed
 
 
+def same(given: str, token: str) -> bool:
+    """Constant-time comparison; any text (a header's undecodable bytes, lone surrogates)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode())
+
+
+def unauthorized(message: str) -> web.HTTPError:
+    return web.HTTPUnauthorized(text=json.dumps({"error": message}),
+                                content_type="application/json",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+
 def signed_in(request: web.Request) -> bool:
     token = request.app[TOKEN]
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer":
         given = request.cookies.get(COOKIE, "")
-    return not token or hmac.compare_digest(given.encode(), token.encode())
+    return not token or same(given, token)
 
 
 @web.middleware
@@ -798,9 +810,7 @@ async def access(
     """With a token set, every request but OPEN ones needs it (a Bearer header, or the cookie
     /login sets); a browser's POST must come from this server's origin (or an allowed one)."""
     if not (request.path in OPEN or request.path.startswith("/static/") or signed_in(request)):
-        raise web.HTTPUnauthorized(
-            text=json.dumps({"error": "a token is needed: send Authorization: Bearer <token>"}),
-            content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+        raise unauthorized("a token is needed: send Authorization: Bearer <token>")
     if request.method == "POST":
         check_origin(request)
     return await handler(request)
@@ -829,13 +839,13 @@ async def login(request: web.Request) -> web.Response:
     """POST /login {"token": "..."}: the dashboard's sign-in, kept in an HttpOnly cookie."""
     try:
         given = (await request.json()).get("token")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         given = None
     if not isinstance(given, str):
         raise error(web.HTTPBadRequest, 'send {"token": "..."}')
     token = request.app[TOKEN]
-    if token and not hmac.compare_digest(given.encode(), token.encode()):
-        raise error(web.HTTPUnauthorized, "wrong token")
+    if token and not same(given, token):
+        raise unauthorized("wrong token")
     response = web.Response(status=204)
     if token:
         response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
@@ -856,6 +866,13 @@ async def whoami(request: web.Request) -> web.Response:
 
 async def dashboard(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """GET /static/NAME: one of the dashboard's files (a fixed set: no path is looked up)."""
+    if (name := request.match_info["name"]) not in STATIC_FILES:
+        raise error(web.HTTPNotFound, "no such file")
+    return web.FileResponse(STATIC / name)
 
 
 def make_app(
@@ -920,7 +937,7 @@ def make_app(
     app.router.add_post("/logout", logout)
     app.router.add_get("/auth", whoami)
     app.router.add_get("/", dashboard)
-    app.router.add_static("/static", STATIC)
+    app.router.add_get("/static/{name}", static_file)
     return app
 
 

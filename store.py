@@ -286,6 +286,7 @@ for w in pairs(idle) do requeue(w) end
 for _, w in ipairs(lost) do
   requeue(w)
   redis.call('SREM', P .. ':workers', w)
+  redis.call('DEL', P .. ':stop:' .. (string.match(w, '^(.+)/%d+$') or w))
 end
 local due = scan and redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', ARGV[4], 'LIMIT', 0,
                                 1000) or {}
@@ -373,8 +374,8 @@ return retried
 # input and result to 256 bytes (at a UTF-8 character boundary).
 LIST = READS + LUA_PRELUDE + """
 local max, after, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local fields = {'status', 'input', 'result', 'error', 'attempts', 'created', 'updated', 'run_at',
-                'worker', 'cancel_requested'}
+local fields = {'status', 'input', 'result', 'error', 'attempts', 'created', 'updated', 'version',
+                'run_at', 'worker', 'cancel_requested'}
 local function cut(s)
   if #s <= 256 then return s end
   local n = 256

@@ -10,7 +10,6 @@ them to run on their own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import os
@@ -18,7 +17,6 @@ import signal
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from http.cookies import SimpleCookie
@@ -40,18 +38,12 @@ from tests import handlers
 from tests.conftest import Procs, delete_prefix, eventually, free_port, stop
 from worker import Worker
 
-# When a hypothesis test fails, its pytest plugin imports libcst (to suggest a patch), which
-# warns (mypy_extensions.TypedDict is deprecated); under filterwarnings = error that warning is an
-# INTERNALERROR that ends the session and hides the failing example. Imported once here, quietly.
-with warnings.catch_warnings(), contextlib.suppress(ImportError):
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import libcst  # noqa: F401
-
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
 
 TOKEN = "t0k-7f3c9e1d-never-echoed"
-SUMMARY = {"id", "status", "input", "result", "error", "attempts", "created", "updated"}
+SUMMARY = {"id", "status", "input", "result", "error", "attempts", "created", "updated",
+           "version"}
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------
@@ -474,7 +466,7 @@ async def test_jobs_newest_first_with_their_summary(client: Client,
     assert {frozenset(job) for job in page["jobs"]} == {frozenset(SUMMARY)}
     assert page["jobs"][0] | {"created": "", "updated": ""} == {
         "id": ids[4], "status": "queued", "input": "j4", "result": "", "error": "",
-        "attempts": 0, "created": "", "updated": ""}
+        "attempts": 0, "created": "", "updated": "", "version": 1}
     later = await call(client, "POST", "/submit", 201, json={"input": "l", "delay": 60})
     page = await call(client, "GET", "/jobs?status=delayed", 200)
     assert [(j["id"], j["run_at"]) for j in page["jobs"]] == [(later["id"], later["run_at"])]
