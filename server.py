@@ -79,6 +79,8 @@ PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most
 FEED_EVERY = 0.25  # seconds between the batches of /feed
 FEED_MAX = 500  # jobs in one batch at most: the newest changed (the page shows fewer)
+FEED_CUT = 256  # characters of a result or an error a /feed message carries at most
+FEED_STALL = 10.0  # seconds a /feed write may wait on a reader before it is cut off
 STATIC = Path(__file__).resolve().parent / "static"  # the dashboard
 STATIC_FILES = frozenset(("index.html", "app.js", "style.css"))
 MESSAGE_FIELDS = ("id", "status", "result", "error", "attempts", "updated", "version")
@@ -228,6 +230,10 @@ class Hub:
         if (topic := self.topics.get(job_id)) is not None:
             topic.offer(Update(version, status in TERMINAL, data.encode()))
         if self.feeds:  # the newest FEED_MAX jobs changed, each with its newest message
+            if len(data) > 2 * FEED_CUT:  # the page shows the start of a result or error
+                message["result"] = str(message.get("result", ""))[:FEED_CUT]
+                message["error"] = str(message.get("error", ""))[:FEED_CUT]
+                data = json.dumps(message)
             self.batch.pop(job_id, None)
             self.batch[job_id] = data
             if len(self.batch) > FEED_MAX:
@@ -318,6 +324,7 @@ ORIGINS = web.AppKey("origins", frozenset)
 SCRIPTS = web.AppKey("scripts", Scripts)
 RETENTION_S = web.AppKey("retention", int)
 TOKEN = web.AppKey("token", str)
+LOCAL_ONLY = web.AppKey("local_only", bool)
 REQUESTS = web.AppKey("requests", Counter)
 PINGER = web.AppKey("pinger", Pinger)
 
@@ -372,6 +379,12 @@ async def json_errors(
         stored = "; nothing was stored" if request.method == "POST" else ""
         message = f"the job store (Redis) refused the request{stored}. Redis said: "
         raise error(web.HTTPServiceUnavailable, message + redis_said(exc)) from None
+    except web.HTTPException:
+        raise
+    except Exception:  # a bug: said in the log, and as JSON like every other error
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error; the server's log says more"},
+                                 status=500)
 
 
 def new_jobs(texts: list[str], due: float | None = None) -> list[dict[str, str | int]]:
@@ -752,8 +765,9 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 async def feed(request: web.Request) -> web.StreamResponse:
     """GET /feed: every change in the deployment, as SSE events each holding a JSON array of
-    job messages, at most one per FEED_EVERY s. A reader too slow for it is cut off (its
-    EventSource reconnects; the page then reads the state afresh)."""
+    job messages, at most one per FEED_EVERY s. A reader too slow for it (batches pile up, or a
+    write waits FEED_STALL s) is cut off: its EventSource reconnects and the page reads the
+    state afresh."""
     check_origin(request)
     hub, watcher = request.app[HUB], Watcher()
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -766,11 +780,14 @@ async def feed(request: web.Request) -> web.StreamResponse:
             try:
                 update = await asyncio.wait_for(watcher.get(), request.app[PINGER].interval)
             except TimeoutError:
-                await response.write(b": keepalive\n\n")
-                continue
+                update = Update(0, False, b"")
             if update is None:
                 break
-            await response.write(b"data: %b\n\n" % update.data)
+            data = b"data: %b\n\n" % update.data if update.data else b": keepalive\n\n"
+            await asyncio.wait_for(response.write(data), FEED_STALL)
+    except TimeoutError:  # a reader that stopped reading: what is buffered for it goes too
+        if request.transport is not None:
+            request.transport.abort()
     except ConnectionError:
         pass  # the client went away
     finally:
@@ -807,8 +824,16 @@ def signed_in(request: web.Request) -> bool:
 async def access(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """With a token set, every request but OPEN ones needs it (a Bearer header, or the cookie
-    /login sets); a browser's POST must come from this server's origin (or an allowed one)."""
+    """Without a token (and without --insecure-no-auth), only requests addressed to a loopback
+    name are answered. With a token set, every request but OPEN ones needs it (a Bearer
+    header, or the cookie /login sets). A browser's POST must come from this server's origin
+    (or an allowed one)."""
+    if request.app[LOCAL_ONLY] and not loopback(request.url.host or ""):
+        # Without a token, only loopback is listened on; a page from another site whose name
+        # resolves to 127.0.0.1 (DNS rebinding) still says its own name in Host.
+        raise error(web.HTTPMisdirectedRequest,
+                    f"this server answers requests to a loopback address only, not to "
+                    f"{request.host!r}; set a token to serve others")
     if not (request.path in OPEN or request.path.startswith("/static/") or signed_in(request)):
         raise unauthorized("a token is needed: send Authorization: Bearer <token>")
     if request.method == "POST":
@@ -884,6 +909,7 @@ def make_app(
     heartbeat: float = HEARTBEAT,
     retention: int = RETENTION,
     token: str = "",
+    insecure_no_auth: bool = False,
 ) -> web.Application:
     """The application; its Redis client and pub/sub listener live as long as it runs. With a
     token, every request but /healthz and the dashboard's files must carry it."""
@@ -894,6 +920,7 @@ def make_app(
     app[PINGER] = Pinger(heartbeat)
     app[RETENTION_S] = retention
     app[TOKEN] = token
+    app[LOCAL_ONLY] = not (token or insecure_no_auth)
     app[REQUESTS] = Counter()
 
     async def redis_client(app: web.Application) -> AsyncIterator[None]:
@@ -1005,7 +1032,8 @@ def main(argv: list[str] | None = None) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     origins = frozenset(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     app = make_app(args.redis_url, prefix=args.prefix, allowed_origins=origins,
-                   max_input_bytes=args.max_input_bytes, retention=args.retention, token=token)
+                   max_input_bytes=args.max_input_bytes, retention=args.retention, token=token,
+                   insecure_no_auth=args.insecure_no_auth)
     try:
         web.run_app(app, host=args.host, port=args.port, shutdown_timeout=2.0,
                     access_log=None, print=lambda _: log.info("listening on http://%s:%d",

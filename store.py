@@ -69,6 +69,9 @@ class Keys:
     def lease(self, worker: str) -> str:  # hash: the worker's host, pid...; TTL --lease
         return f"{self.prefix}:lease:{worker}"
 
+    def stop(self, worker: str) -> str:  # set: ids of its running jobs asked to stop
+        return f"{self.prefix}:stop:{worker}"
+
 
 def now() -> str:
     """The current time in RFC 3339 with an offset."""
@@ -112,10 +115,15 @@ local function emit(id)
     result = f[2] or '', error = f[3] or '', attempts = tonumber(f[4]) or 0, updated = f[5],
     version = tonumber(f[6])}))
 end
+local function owner(slot) return string.match(slot or '', '^(.+)/%d+$') or slot or '' end
 local function bump(id, status)
   local key = job_key(id)
-  local old = redis.call('HGET', key, 'status')
+  local f = redis.call('HMGET', key, 'status', 'worker', 'cancel_requested')
+  local old = f[1]
   if old then redis.call('ZREM', P .. ':index:' .. old, id) end
+  if old == 'running' and f[3] then  -- a stop request is over once the try is
+    redis.call('SREM', P .. ':stop:' .. owner(f[2]), id)
+  end
   local _, score = clock()
   redis.call('ZADD', P .. ':index:' .. status, score, id)
   redis.call('HSET', key, 'status', status, 'updated', NOW)
@@ -263,9 +271,11 @@ local function requeue(w)
   local processing = P .. ':processing:' .. w
   for _, id in ipairs(redis.call('LRANGE', processing, 0, -1)) do
     local key = job_key(id)
-    local f = redis.call('HMGET', key, 'status', 'attempts', 'cancel_requested')
+    local f = redis.call('HMGET', key, 'status', 'attempts', 'cancel_requested', 'worker')
     local status, attempts = f[1], tonumber(f[2]) or 0
-    if status == 'running' and f[3] then
+    if status == 'running' and f[4] ~= w then
+      status = 'stray'  -- a duplicate entry of a job another slot runs: dropped
+    elseif status == 'running' and f[3] then
       ended(id, 'cancelled')
     elseif status == 'running' and max > 0 and attempts >= max then
       fail(id, 'worker ' .. w .. ' stopped on the last attempt')
@@ -286,7 +296,7 @@ for w in pairs(idle) do requeue(w) end
 for _, w in ipairs(lost) do
   requeue(w)
   redis.call('SREM', P .. ':workers', w)
-  redis.call('DEL', P .. ':stop:' .. (string.match(w, '^(.+)/%d+$') or w))
+  redis.call('DEL', P .. ':stop:' .. owner(w))
 end
 local due = scan and redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', ARGV[4], 'LIMIT', 0,
                                 1000) or {}
@@ -299,11 +309,7 @@ for _, id in ipairs(due) do
   end
   if status == 'delayed' or status == 'queued' then redis.call('LPUSH', KEYS[1], id) end
 end
-local stop = {}
-if ARGV[7] ~= '' then
-  stop = redis.call('SMEMBERS', P .. ':stop:' .. ARGV[7])
-  redis.call('DEL', P .. ':stop:' .. ARGV[7])
-end
+local stop = ARGV[7] ~= '' and redis.call('SMEMBERS', P .. ':stop:' .. ARGV[7]) or {}
 return {moved, #due, stop}
 """
 
@@ -330,9 +336,9 @@ if status == 'queued' or status == 'delayed' then
   redis.call('ZREM', P .. ':delayed', id)
   ended(id, 'cancelled')
   emit(id)
-elseif status == 'running' and not f[3] then
-  redis.call('HSET', KEYS[1], 'cancel_requested', NOW)
-  local stop = P .. ':stop:' .. (string.match(f[2] or '', '^(.+)/%d+$') or '')
+elseif status == 'running' then
+  if not f[3] then redis.call('HSET', KEYS[1], 'cancel_requested', NOW) end
+  local stop = P .. ':stop:' .. owner(f[2])
   redis.call('SADD', stop, id)
   redis.call('EXPIRE', stop, RETENTION)
 end
@@ -370,7 +376,8 @@ return retried
 # KEYS: the index of a state. ARGV: (prefix, now, retention), the score and the id of the last
 # job of the previous page ('+inf' and '' for the first page), limit. The next page of that
 # state's jobs, newest first: {{id, field, value, ...}, ...}, plus the cursor of the page after
-# as a last element {score, id} when there is one. Jobs whose hash has expired are skipped. Cuts
+# as a last element {score, id} when there is one. Jobs whose hash has expired are skipped (a
+# page ends early, with a cursor, after 2,000 entries looked at: an index left by eviction). Cuts
 # input and result to 256 bytes (at a UTF-8 character boundary).
 LIST = READS + LUA_PRELUDE + """
 local max, after, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
@@ -382,7 +389,7 @@ local function cut(s)
   while n > 0 and string.byte(s, n + 1) >= 128 and string.byte(s, n + 1) < 192 do n = n - 1 end
   return string.sub(s, 1, n)
 end
-local jobs, offset, cursor = {}, 0, nil
+local jobs, offset, cursor, seen = {}, 0, nil, 0
 while #jobs <= limit do
   local batch = redis.call('ZRANGE', KEYS[1], max, '-inf', 'BYSCORE', 'REV', 'LIMIT', offset,
                            limit + 1 - #jobs, 'WITHSCORES')
@@ -390,6 +397,11 @@ while #jobs <= limit do
   offset = offset + #batch / 2
   for i = 1, #batch, 2 do
     local id, score = batch[i], batch[i + 1]
+    if seen == 2000 then  -- so many expired: end the page early, with where to go on
+      jobs[#jobs + 1] = cursor or {max, after}
+      return jobs
+    end
+    seen = seen + 1
     if not (score == max and id >= after) then  -- a tie the previous page ended in
       local f = redis.call('HMGET', job_key(id), unpack(fields))
       if f[1] and #jobs < limit then
@@ -401,11 +413,11 @@ while #jobs <= limit do
           end
         end
         jobs[#jobs + 1] = job
-        cursor = {score, id}
       elseif f[1] then
         jobs[#jobs + 1] = cursor  -- there is more: end with the cursor of this page's last
         return jobs
       end
+      cursor = {score, id}
     end
   end
 end

@@ -282,8 +282,8 @@ class Worker:
         """Stop the tries of these jobs (asked to stop over HTTP) now, as at a deadline."""
         for slot in self.slots:
             with slot.lock:
-                if slot.job is not None and slot.job.id in ids:
-                    slot.why, slot.deadline = CANCELLED, 0.0
+                if slot.job is not None and slot.job.id in ids and slot.why != CANCELLED:
+                    slot.why, slot.deadline = CANCELLED, time.monotonic()
 
     def stop_late(self) -> None:
         """At a try's deadline, interrupt it; if it is still running one TICK later (a plain
@@ -627,7 +627,7 @@ class Worker:
         try:
             self.reclaim(*names, max_attempts=0, scan=False)
             with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self.keys.lease(self.name))
+                pipe.delete(self.keys.lease(self.name), self.keys.stop(self.name))
                 pipe.srem(self.keys.workers, *names)
                 pipe.execute()
         except redis.RedisError as exc:

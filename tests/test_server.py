@@ -408,3 +408,44 @@ async def test_a_busy_redis_is_503_with_what_redis_said(make_client: MakeClient,
         spinner.join()
         probe.close()
         r.close()
+
+
+# -- who may ask ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["rebind.example", "rebind.example:8080", "10.0.0.1"])
+async def test_without_a_token_only_loopback_names_are_answered(make_client: MakeClient,
+                                                                host: str) -> None:
+    """A page of another site whose name resolves to 127.0.0.1 (DNS rebinding) is same-origin as
+    far as Origin goes; its Host header still names that site."""
+    client = await make_client()
+    for method, path in [("GET", "/jobs?status=failed"), ("POST", "/jobs/retry-failed"),
+                         ("GET", "/stats")]:
+        response = await client.request(method, path, headers={"Host": host,
+                                                               "Origin": f"http://{host}"})
+        await assert_error(response, 421, "loopback address only")
+    for host in ["localhost:8080", "127.0.0.1", "[::1]:80"]:
+        assert (await client.get("/stats", headers={"Host": host})).status == 200
+    for kwargs in [{"token": "t"}, {"insecure_no_auth": True}]:  # then Host is not the guard
+        other = await make_client(**kwargs)
+        response = await other.get("/stats", headers={"Host": host, "Authorization": "Bearer t"})
+        assert response.status == 200
+
+
+async def test_a_bug_is_a_json_500(client: Client, r: redis.Redis, prefix: str) -> None:
+    r.hset(Keys(prefix).lease("w"), mapping={"pid": "not a number"})  # not what workers write
+    r.sadd(Keys(prefix).workers, "w/0")
+    await assert_error(await client.get("/stats"), 500, "internal error")
+
+
+async def test_feed_messages_carry_the_start_of_a_long_result(client: Client,
+                                                              worker: Worker) -> None:
+    async with client.get("/feed") as feed:
+        assert await feed.content.readline() == b": connected\n"
+        await submit(client, "x" * 10_000)
+        await work_one(worker)
+        seen: dict[str, Any] = {}
+        while seen.get("status") != "done":
+            line = await asyncio.wait_for(feed.content.readline(), 10)
+            if line.startswith(b"data: "):
+                seen = json.loads(line[6:])[-1]
+    assert seen["result"] == "X" * 256

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from store import RETENTION, Keys
+from store import CANCEL, RETENTION, Keys
 from tests.conftest import Procs, enqueue, job, processing_keys, wait_until
 from worker import Worker
 
@@ -368,3 +368,36 @@ def test_a_warm_stop_puts_a_stray_back(r: redis.Redis, redis_url: str, prefix: s
     worker.close()
     assert r.lrange(Keys(prefix).queue, 0, -1) == [job_id]
     assert not processing_keys(r, prefix)
+
+
+# -- cancel: the stop request reaches the slot, however late it holds the job ------------------
+
+def test_a_stop_request_stays_until_the_try_ends(r: redis.Redis, redis_url: str,
+                                                 prefix: str) -> None:
+    """The keeper may read the stop set before the slot has begun the job (a started job is
+    running in Redis a moment before the slot knows it): the request must still be there at
+    its next round, and gone once the try has ended."""
+    worker = Worker(redis_url, prefix=prefix)
+    slot, keys = worker.slots[0], Keys(prefix)
+    job_id = enqueue(r, prefix, "x")
+    taken = worker.take(slot)
+    assert taken is not None
+    cancel = r.register_script(CANCEL)
+    assert cancel(keys=[keys.job(job_id)], args=[*worker.common(), job_id]) == "running"
+    assert worker.reclaim(stops=True)[2] == [job_id]  # seen by a round with no slot holding it
+    assert worker.reclaim(stops=True)[2] == [job_id]  # and by the next
+    worker.finish(slot, taken, "done", result="X")  # ended as asked, whatever the try says
+    assert (status_of(r, prefix, job_id), job(r, prefix, job_id)["result"]) == ("cancelled", "")
+    assert worker.reclaim(stops=True)[2] == [] and not r.exists(keys.stop(worker.name))
+
+
+def test_a_stray_copy_of_a_job_running_elsewhere_is_dropped(r: redis.Redis, redis_url: str,
+                                                            prefix: str) -> None:
+    worker = Worker(redis_url, prefix=prefix)
+    job_id = enqueue(r, prefix, "x")
+    assert worker.take(worker.slots[0]) is not None
+    r.lpush(worker.slots[1].processing, job_id)  # a duplicate entry, taken by a lost reply
+    assert worker.reclaim(worker.slots[1].name, scan=False)[0] == 0
+    assert status_of(r, prefix, job_id) == "running"
+    assert job(r, prefix, job_id)["worker"] == worker.slots[0].name
+    assert r.llen(Keys(prefix).queue) == 0 and not r.exists(worker.slots[1].processing)
