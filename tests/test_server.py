@@ -425,7 +425,8 @@ async def test_without_a_token_only_loopback_names_are_answered(make_client: Mak
         await assert_error(response, 421, "loopback address only")
     for host in ["localhost:8080", "127.0.0.1", "[::1]:80"]:
         assert (await client.get("/stats", headers={"Host": host})).status == 200
-    for kwargs in [{"token": "t"}, {"insecure_no_auth": True}]:  # then Host is not the guard
+    settings: list[dict[str, Any]] = [{"token": "t"}, {"insecure_no_auth": True}]
+    for kwargs in settings:  # then Host is not the guard
         other = await make_client(**kwargs)
         response = await other.get("/stats", headers={"Host": host, "Authorization": "Bearer t"})
         assert response.status == 200
