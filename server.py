@@ -51,12 +51,15 @@ from store import (
     RETENTION,
     RETRY,
     RUNTIME_BUCKETS,
+    SENTINEL_SCHEME,
     STATES,
     STATS,
     SUBMIT,
     TERMINAL,
+    WAIT_MS,
     WRITABLE,
     Keys,
+    connect_async,
     from_env,
     non_empty,
     now,
@@ -324,6 +327,7 @@ ORIGINS = web.AppKey("origins", frozenset)
 SCRIPTS = web.AppKey("scripts", Scripts)
 RETENTION_S = web.AppKey("retention", int)
 TOKEN = web.AppKey("token", str)
+MIN_REPLICAS = web.AppKey("min_replicas", int)
 LOCAL_ONLY = web.AppKey("local_only", bool)
 REQUESTS = web.AppKey("requests", Counter)
 PINGER = web.AppKey("pinger", Pinger)
@@ -478,8 +482,19 @@ async def submit(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, 'body must be a JSON object: {"input": "..."}')
     texts, due = texts_of(data), due_of(data)
     jobs, keys = new_jobs(texts, due), request.app[KEYS]
-    await request.app[SCRIPTS].submit(
-        keys=[keys.queue], args=submit_args(keys.prefix, request.app[RETENTION_S], jobs, due))
+    args = submit_args(keys.prefix, request.app[RETENTION_S], jobs, due)
+    if not (wanted := request.app[MIN_REPLICAS]):
+        await request.app[SCRIPTS].submit(keys=[keys.queue], args=args)
+    else:  # WAIT counts the writes of its own connection: one pipeline for both
+        async with request.app[REDIS].pipeline(transaction=False) as pipe:
+            await request.app[SCRIPTS].submit(keys=[keys.queue], args=args, client=pipe)
+            pipe.execute_command("WAIT", wanted, WAIT_MS)
+            _, acked = await pipe.execute()
+        if acked < wanted:
+            raise error(web.HTTPServiceUnavailable,
+                        f"the job was not confirmed by {wanted} replica(s) of Redis within "
+                        f"{WAIT_MS} ms, so it is not accepted: a failover could lose it. It may "
+                        f"still run; submit again (it may then run twice) or check its status")
     if "inputs" in data:
         return web.json_response({"jobs": jobs}, status=201)
     job_id = jobs[0]["id"]
@@ -910,6 +925,7 @@ def make_app(
     retention: int = RETENTION,
     token: str = "",
     insecure_no_auth: bool = False,
+    min_replicas: int = 0,
 ) -> web.Application:
     """The application; its Redis client and pub/sub listener live as long as it runs. With a
     token, every request but /healthz and the dashboard's files must carry it."""
@@ -921,16 +937,20 @@ def make_app(
     app[RETENTION_S] = retention
     app[TOKEN] = token
     app[LOCAL_ONLY] = not (token or insecure_no_auth)
+    app[MIN_REPLICAS] = min_replicas
     app[REQUESTS] = Counter()
 
     async def redis_client(app: web.Application) -> AsyncIterator[None]:
-        pool = BlockingConnectionPool.from_url(
-            redis_url, max_connections=POOL_SIZE, timeout=POOL_WAIT, decode_responses=True,
-            client_name="jobs-server",
-            socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=int(HEARTBEAT),
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-        )
-        app[REDIS] = Redis.from_pool(pool)
+        options: dict[str, Any] = {
+            "max_connections": POOL_SIZE, "decode_responses": True, "client_name": "jobs-server",
+            "socket_connect_timeout": 1.0, "socket_timeout": 2.0,
+            "health_check_interval": int(HEARTBEAT),
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)}
+        if redis_url.startswith(SENTINEL_SCHEME):
+            app[REDIS] = connect_async(redis_url, **options)
+        else:
+            app[REDIS] = Redis.from_pool(BlockingConnectionPool.from_url(
+                redis_url, timeout=POOL_WAIT, **options))
         app[SCRIPTS] = Scripts(app[REDIS])
         yield
         await app[REDIS].aclose()
@@ -986,7 +1006,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="port to listen on (env PORT; default %(default)s)")
     parser.add_argument("--redis-url", type=redis_url,
                         default=from_env(parser, "REDIS_URL", redis_url, "redis://localhost:6379/0"),
-                        help="Redis to use (env REDIS_URL; default %(default)s)")
+                        help="Redis to use: redis://, rediss://, unix:// or "
+                             "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] "
+                             "(env REDIS_URL; default %(default)s)")
     parser.add_argument("--allowed-origins", default=env("ALLOWED_ORIGINS", ""),
                         help="comma-separated browser origins allowed on /ws and /events, or * "
                              "(env ALLOWED_ORIGINS; same-origin and no-Origin clients always are)")
@@ -1001,6 +1023,11 @@ def main(argv: list[str] | None = None) -> None:
                         default=from_env(parser, "JOBS_RETENTION", size, RETENTION),
                         help="seconds a cancelled job is kept, as worker.py keeps finished "
                              "ones (env JOBS_RETENTION; default %(default)s)")
+    parser.add_argument("--min-replicas", type=number(int, 0),
+                        default=from_env(parser, "JOBS_MIN_REPLICAS", number(int, 0), 0),
+                        help="a submit is accepted only once this many replicas of Redis have it "
+                             "(WAIT, up to 1 s; else 503) (env JOBS_MIN_REPLICAS; default "
+                             "%(default)s)")
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument("--token", type=non_empty,
                         default=from_env(parser, "JOBS_TOKEN", non_empty, None),
@@ -1033,7 +1060,7 @@ def main(argv: list[str] | None = None) -> None:
     origins = frozenset(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     app = make_app(args.redis_url, prefix=args.prefix, allowed_origins=origins,
                    max_input_bytes=args.max_input_bytes, retention=args.retention, token=token,
-                   insecure_no_auth=args.insecure_no_auth)
+                   insecure_no_auth=args.insecure_no_auth, min_replicas=args.min_replicas)
     try:
         web.run_app(app, host=args.host, port=args.port, shutdown_timeout=2.0,
                     access_log=None, print=lambda _: log.info("listening on http://%s:%d",

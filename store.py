@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.connection import parse_url
 
 PREFIX = "{jobs}"  # the braces are a Redis Cluster hash tag: all keys share one slot
@@ -495,13 +499,76 @@ def number(kind: type[N], low: N, high: N | None = None, *,
     return convert
 
 
+class Sentinel(NamedTuple):
+    """A redis+sentinel:// URL: where the sentinels are, and what to ask them for."""
+
+    addresses: list[tuple[str, int]]
+    service: str
+    db: int
+    password: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> Sentinel:
+        """redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"""
+        rest = text.removeprefix(SENTINEL_SCHEME)
+        netloc, _, path = rest.partition("/")
+        userinfo, _, hosts = netloc.rpartition("@")
+        addresses = []
+        for address in hosts.split(","):
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not HOST:PORT")
+            addresses.append((host.strip("[]"), int(port)))
+        service, _, db = path.partition("/")
+        if not service or (db and not db.isdigit()):
+            raise ValueError("give the service name, and a database number if any: "
+                             "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]")
+        password = urllib.parse.unquote(userinfo.partition(":")[2]) if userinfo else None
+        return cls(addresses, service, int(db or 0), password)
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+WAIT_MS = 1_000  # how long a write waits for --min-replicas replicas to acknowledge it
+
+
 def redis_url(text: str) -> str:
-    """An argparse type: a URL redis-py accepts (redis://, rediss://, unix://)."""
+    """An argparse type: a URL redis-py accepts (redis://, rediss://, unix://), or
+    redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]."""
     try:
-        parse_url(text)  # type: ignore[no-untyped-call]
+        if text.startswith(SENTINEL_SCHEME):
+            Sentinel.parse(text)
+        else:
+            parse_url(text)  # type: ignore[no-untyped-call]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def connect(url: str, **options: Any) -> redis.Redis:
+    """A client of the Redis at url; through Sentinel, of the master it names now and after a
+    failover (a command during one fails with a ConnectionError, as when Redis is down)."""
+    if not url.startswith(SENTINEL_SCHEME):
+        return redis.Redis.from_url(url, **options)
+    where = Sentinel.parse(url)
+    sentinels = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        where.addresses, sentinel_kwargs=SENTINEL_OPTIONS)
+    master = sentinels.master_for(  # type: ignore[no-untyped-call]
+        where.service, db=where.db, password=where.password, **options)
+    return cast(redis.Redis, master)
+
+
+def connect_async(url: str, **options: Any) -> redis.asyncio.Redis:
+    """connect() for asyncio."""
+    if not url.startswith(SENTINEL_SCHEME):
+        return redis.asyncio.Redis.from_url(url, **options)
+    where = Sentinel.parse(url)
+    sentinels = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        where.addresses, sentinel_kwargs=SENTINEL_OPTIONS)
+    master = sentinels.master_for(where.service, db=where.db, password=where.password, **options)
+    return cast(redis.asyncio.Redis, master)
+
+
+SENTINEL_OPTIONS = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
 
 
 def non_empty(text: str) -> str:

@@ -43,6 +43,7 @@ from typing import Any, TypeVar, cast
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript, Script
 from redis.retry import Retry
 
 from store import (
@@ -53,10 +54,13 @@ from store import (
     RECLAIM,
     RETENTION,
     START,
+    WAIT_MS,
     WRITES,
     Job,
     Keys,
     bucket,
+    connect,
+    connect_async,
     from_env,
     non_empty,
     now,
@@ -183,6 +187,7 @@ class Worker:
         backoff: float = 1.0,
         retention: int = RETENTION,
         prefix: str = PREFIX,
+        min_replicas: int = 0,
     ) -> None:
         self.handler = handler
         self.is_async = inspect.iscoroutinefunction(handler)
@@ -192,12 +197,13 @@ class Worker:
         self.grace = grace
         self.backoff = backoff
         self.retention = retention
+        self.min_replicas = min_replicas
         self.keys = Keys(prefix)
         self.redis_url = redis_url
         self.host, self.started = socket.gethostname(), now()
         self.name = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.slots = [Slot(f"{self.name}/{n}", self.keys) for n in range(concurrency)]
-        self.redis = redis.Redis.from_url(redis_url, **self.client_options())
+        self.redis = connect(redis_url, **self.client_options())
         self._start = self.redis.register_script(START)
         self._finish_take = self.redis.register_script(WRITES + FINISH)
         self._finish = self.redis.register_script(ALLOW_OOM + FINISH)
@@ -367,11 +373,31 @@ class Worker:
         keys, args = self.finish_call(slot, job, outcome, result, error, due, ran)
         chain = take_next and self.may_chain(slot)
         try:
-            held, taken = (self._finish_take if chain else self._finish)(keys=keys,
-                                                                          args=args(chain))
+            held, taken = self.replicated(job, self._finish_take if chain else self._finish,
+                                          keys, args(chain))
         except redis.exceptions.OutOfMemoryError:  # refused before it ran: finish alone
-            held, taken = self._finish(keys=keys, args=args(False))
+            held, taken = self.replicated(job, self._finish, keys, args(False))
         return self.finished(job, held, taken)
+
+    def replicated(self, job: Job, script: Script, keys: list[str],
+                   args: list[str | int | float]) -> Any:
+        """Run a finishing script; with --min-replicas, wait (WAIT, on its connection) for that
+        many replicas to have it, and say so if they did not."""
+        if not self.min_replicas:
+            return script(keys=keys, args=args)
+        with self.redis.pipeline(transaction=False) as pipe:
+            script(keys=keys, args=args, client=pipe)
+            wait: Any = pipe.execute_command  # untyped in redis-py's sync pipeline
+            wait("WAIT", self.min_replicas, WAIT_MS)
+            reply, acked = pipe.execute()
+        self.confirmed(job, acked)
+        return reply
+
+    def confirmed(self, job: Job, acked: int) -> None:
+        if acked < self.min_replicas:
+            log.warning("job %s: its outcome reached %d of %d replicas within %d ms; a "
+                        "failover now could lose it (the job would run again)", job.id, acked,
+                        self.min_replicas, WAIT_MS)
 
     def finish_call(self, slot: Slot, job: Job, outcome: str, result: str, error: str,
                     due: float, ran: float,
@@ -530,11 +556,22 @@ class Worker:
             keys, args = self.finish_call(slot, job, *outcome, ran)
             chain = self.may_chain(slot)
             try:
-                held, taken = await (finish_take if chain else finish)(keys=keys,
-                                                                       args=args(chain))
+                held, taken = await replicated(job, finish_take if chain else finish, keys,
+                                               args(chain))
             except redis.exceptions.OutOfMemoryError:
-                held, taken = await finish(keys=keys, args=args(False))
+                held, taken = await replicated(job, finish, keys, args(False))
             return self.finished(job, held, taken)
+
+        async def replicated(job: Job, script: AsyncScript, keys: list[str],
+                             args: list[str | int | float]) -> Any:
+            if not self.min_replicas:
+                return await script(keys=keys, args=args)
+            async with client.pipeline(transaction=False) as pipe:
+                await script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", self.min_replicas, WAIT_MS)
+                reply, acked = await pipe.execute()
+            self.confirmed(job, acked)
+            return reply
 
         async def until_recorded(job: Job, outcome: tuple[str, str, str, float],
                                  ran: float) -> Job | None:
@@ -588,7 +625,7 @@ class Worker:
             slot.end()
 
     async def run_slots_async(self) -> None:
-        client = redis.asyncio.Redis.from_url(self.redis_url, **self.client_options())
+        client = connect_async(self.redis_url, **self.client_options())
         try:
             await asyncio.gather(*(self.work_async(slot, client) for slot in self.slots))
         finally:
@@ -641,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     whole, seconds = number(int, 1), number(float, 0)
     parser.add_argument("--redis-url", type=redis_url,
                         default=from_env(parser, "REDIS_URL", redis_url, "redis://localhost:6379/0"),
-                        help="Redis to work against (env REDIS_URL; default %(default)s)")
+                        help="Redis to work against: as server.py's --redis-url "
+                             "(env REDIS_URL; default %(default)s)")
     parser.add_argument("--handler", type=load_handler,
                         default=from_env(parser, "JOB_HANDLER", load_handler, None),
                         help="MODULE:FUNCTION taking the input str, returning the result str "
@@ -670,6 +708,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=non_empty,
                         default=from_env(parser, "JOBS_PREFIX", non_empty, PREFIX),
                         help="key prefix of this deployment (env JOBS_PREFIX; default %(default)s)")
+    parser.add_argument("--min-replicas", type=number(int, 0),
+                        default=from_env(parser, "JOBS_MIN_REPLICAS", number(int, 0), 0),
+                        help="after finishing a job, wait (up to 1 s) for this many replicas of "
+                             "Redis to have it (env JOBS_MIN_REPLICAS; default %(default)s)")
     parser.add_argument("--check", action="store_true",
                         help="check the settings and load the handler, then exit 0 without "
                              "starting (Redis is not contacted)")
@@ -680,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(args.redis_url, args.handler or upper, concurrency=args.concurrency,
                     timeout=args.timeout, max_attempts=args.max_attempts, lease=args.lease,
                     grace=args.grace, backoff=args.backoff, retention=args.retention,
-                    prefix=args.prefix)
+                    prefix=args.prefix, min_replicas=args.min_replicas)
     return worker.run()
 
 

@@ -25,6 +25,12 @@ BAD = [
     ("server.py", "REDIS_URL", "localhost:6379", "redis://localhost:99999/0"),
     ("server.py", "--prefix", ""),
     ("server.py", "JOBS_PREFIX", ""),
+    ("server.py", "--redis-url", "redis+sentinel://h/svc", "redis+sentinel://h:1/",
+     "redis+sentinel://h:1/svc/x"),
+    ("server.py", "--min-replicas", "one", "-1"),
+    ("server.py", "JOBS_MIN_REPLICAS", "1.5", "-1"),
+    ("worker.py", "--min-replicas", "one", "-1"),
+    ("worker.py", "JOBS_MIN_REPLICAS", "x"),
     ("server.py", "--retention", "1.5", "0"),
     ("server.py", "JOBS_RETENTION", "abc", "-1"),
     ("server.py", "--token", ""),
@@ -86,7 +92,9 @@ def test_the_environment_is_checked_even_when_a_flag_overrides_it() -> None:
 
 
 @pytest.mark.parametrize("args", [
-    ["server.py"], ["worker.py"], ["worker.py", "--handler", "handlers:fail", "--lease", "2.5"]])
+    ["server.py"], ["worker.py"], ["worker.py", "--handler", "handlers:fail", "--lease", "2.5"],
+    ["server.py", "--redis-url", "redis+sentinel://a:26379,[::1]:26380/jobs/2"],
+    ["worker.py", "--min-replicas", "1", "--redis-url", "redis+sentinel://:pw@a:1/jobs"]])
 def test_check_with_good_settings_exits_0_without_redis(args: list[str]) -> None:
     result = run(*args, "--check")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
