@@ -37,6 +37,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
@@ -45,9 +46,11 @@ from redis.retry import Retry
 
 from store import (
     CANCEL,
+    DEFAULT_QUEUE,
     LIST,
     MAX_BULK,
     PREFIX,
+    QUEUE_NAME,
     RETENTION,
     RETRY,
     RUNTIME_BUCKETS,
@@ -155,23 +158,69 @@ class Topic:
 
 
 class Hub:
-    """One pub/sub subscription for the whole server, fanned out to watchers by job id."""
+    """One pub/sub connection for the whole server, subscribed to the events channel of each
+    queue it follows (the default, those its watchers watch, and for /feed all in the registry);
+    each message fanned out to the watchers of that job."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, prefix: str) -> None:
         self.redis = redis
-        self.keys = keys
-        self.topics: dict[str, Topic] = {}
+        self.prefix = prefix
+        self.queues: dict[str, Keys] = {}  # by name
+        self.channels: dict[str, Keys] = {}  # followed, by events channel
+        self.topics: dict[tuple[str, str], Topic] = {}  # by queue and job id
+        self.pubsub: PubSub | None = None  # while subscribed
         self.feeds: set[Watcher] = set()  # /feed streams: every change, in batches
         self.batch: dict[str, str] = {}  # the newest message of each job changed since the last
+        self.queues[DEFAULT_QUEUE] = default = Keys(prefix)
+        self.follow(default)
+
+    def queue(self, name: str) -> Keys:
+        """A queue's keys (made anew for a name not registered: names come from requests)."""
+        return self.queues.get(name) or Keys(self.prefix, name)
+
+    async def registered(self, keys: Keys) -> bool:
+        """Whether a job was ever submitted to that queue (it is in the registry)."""
+        if keys.name not in self.queues:
+            if not await self.redis.sismember(keys.registry, keys.name):
+                return False
+            self.queues[keys.name] = keys
+        return True
+
+    async def register(self, keys: Keys) -> None:
+        """Add a queue to the registry (before its first job is stored)."""
+        if keys.name not in self.queues:
+            await self.redis.sadd(keys.registry, keys.name)
+            self.queues[keys.name] = keys
+
+    def follow(self, keys: Keys) -> None:
+        """Subscribe to a queue's events from now on (at once if subscribed now, else with the
+        others at the next subscription); the confirmation resyncs its watched jobs."""
+        if keys.events not in self.channels:
+            self.channels[keys.events] = keys
+            if self.pubsub is not None:
+                task = asyncio.create_task(self.pubsub.subscribe(keys.events))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def follow_all(self) -> None:
+        """Follow every queue in the registry (for /feed)."""
+        for name in await self.redis.smembers(Keys(self.prefix).registry):
+            self.queues.setdefault(str(name), Keys(self.prefix, str(name)))
+            self.follow(self.queues[str(name)])
 
     def watchers(self) -> int:
         return sum(len(topic.watchers) for topic in self.topics.values()) + len(self.feeds)
 
     async def send_batches(self, every: float) -> None:
         """Every `every` seconds, send the feeds what changed since: one JSON array, encoded
-        once for all, so a busy queue cannot swamp a browser."""
+        once for all, so a busy queue cannot swamp a browser. Every 5 s with feeds, follow the
+        queues registered meanwhile."""
+        rounds = 0
         while True:
             await asyncio.sleep(every)
+            rounds += 1
+            if self.feeds and rounds % max(int(5 / every), 1) == 0:
+                with contextlib.suppress(RedisError):
+                    await self.follow_all()
             if self.batch:
                 data = ("[" + ",".join(self.batch.values()) + "]").encode()
                 self.batch = {}
@@ -179,18 +228,22 @@ class Hub:
                     feed.put(Update(0, False, data))
 
     @contextlib.asynccontextmanager
-    async def watch(self, job_id: str) -> AsyncIterator[Watcher | None]:
+    async def watch(self, keys: Keys, job_id: str) -> AsyncIterator[Watcher | None]:
         """Register a watcher, then give it the job's state (None: no such job). Registering
         first means no change can fall between the state read and the first message."""
-        watcher = Watcher()
-        topic = self.topics.setdefault(job_id, Topic())
+        if keys.events not in self.channels and not await self.registered(keys):
+            yield None  # no job was ever submitted to that queue
+            return
+        watcher, name = Watcher(), (keys.name, job_id)
+        topic = self.topics.setdefault(name, Topic())
         topic.watchers.add(watcher)
+        self.follow(keys)
         try:
             if topic.latest is not None:
                 watcher.put(topic.latest)
             else:  # one read serves every watcher that arrives while it runs
                 if topic.loading is None or topic.loading.done():
-                    topic.loading = asyncio.create_task(self.load(job_id, topic))
+                    topic.loading = asyncio.create_task(self.load(keys, job_id, topic))
                     # Its error goes to every waiter; retrieve it even if all have gone.
                     topic.loading.add_done_callback(lambda t: t.cancelled() or t.exception())
                 await asyncio.shield(topic.loading)
@@ -198,10 +251,10 @@ class Hub:
         finally:
             topic.watchers.discard(watcher)
             if not topic.watchers:
-                del self.topics[job_id]
+                del self.topics[name]
 
-    async def load(self, job_id: str, topic: Topic) -> None:
-        job = await read_job(self.redis, self.keys.job(job_id))
+    async def load(self, keys: Keys, job_id: str, topic: Topic) -> None:
+        job = await read_job(self.redis, keys.job(job_id))
         if job:
             topic.offer(update_from_job(job))
 
@@ -212,53 +265,59 @@ class Hub:
         for feed in self.feeds:
             feed.put(None)
 
-    async def resync(self) -> None:
-        """Pub/sub drops what is published while it is disconnected: re-read watched jobs."""
-        ids = list(self.topics)
+    async def resync(self, keys: Keys) -> None:
+        """Pub/sub drops what is published while it is not subscribed: re-read the watched
+        jobs of that queue."""
+        names = [name for name in self.topics if name[0] == keys.name]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hgetall(self.keys.job(job_id))
+            for _, job_id in names:
+                pipe.hgetall(keys.job(job_id))
             jobs = await pipe.execute()
-        for job_id, job in zip(ids, jobs, strict=True):
-            if job and job_id in self.topics:
-                self.topics[job_id].offer(update_from_job(job))
+        for name, job in zip(names, jobs, strict=True):
+            if job and name in self.topics:
+                self.topics[name].offer(update_from_job(job))
 
-    def dispatch(self, data: str) -> None:
+    def dispatch(self, keys: Keys, data: str) -> None:
         try:
             message = json.loads(data)
             job_id, version, status = message["id"], int(message["version"]), message["status"]
         except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a malformed message on %s: %.200r", self.keys.events, data)
+            log.warning("ignoring a malformed message on %s: %.200r", keys.events, data)
             return
-        if (topic := self.topics.get(job_id)) is not None:
+        if (topic := self.topics.get((keys.name, job_id))) is not None:
             topic.offer(Update(version, status in TERMINAL, data.encode()))
         if self.feeds:  # the newest FEED_MAX jobs changed, each with its newest message
-            if len(data) > 2 * FEED_CUT:  # the page shows the start of a result or error
-                message["result"] = str(message.get("result", ""))[:FEED_CUT]
-                message["error"] = str(message.get("error", ""))[:FEED_CUT]
-                data = json.dumps(message)
-            self.batch.pop(job_id, None)
-            self.batch[job_id] = data
+            message["queue"] = keys.name
+            # the page shows the start of a result or error
+            message["result"] = str(message.get("result", ""))[:FEED_CUT]
+            message["error"] = str(message.get("error", ""))[:FEED_CUT]
+            name = f"{keys.name}/{job_id}"
+            self.batch.pop(name, None)
+            self.batch[name] = json.dumps(message)
             if len(self.batch) > FEED_MAX:
                 del self.batch[next(iter(self.batch))]
 
     async def listen(self) -> None:
-        """Follow the events channel forever, resubscribing (and resyncing) after any loss."""
+        """Follow the events channels forever, resubscribing (and resyncing) after any loss."""
         delay = 0.1
         while True:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.keys.events)
+                await pubsub.subscribe(*self.channels)
+                self.pubsub = pubsub
                 while True:
                     # A finite wait lets the health check notice a silently dead connection.
                     message = await pubsub.get_message(timeout=HEARTBEAT)
                     if message is None:
                         continue
+                    keys = self.channels.get(message["channel"])
+                    if keys is None:
+                        continue
                     if message["type"] == "message":
-                        self.dispatch(message["data"])
+                        self.dispatch(keys, message["data"])
                     elif message["type"] == "subscribe":  # also after redis-py reconnects
-                        log.info("subscribed to %s", self.keys.events)
-                        await self.resync()
+                        log.info("subscribed to %s", keys.events)
+                        await self.resync(keys)
                         delay = 0.1
             except RedisError as exc:
                 log.warning("pub/sub connection lost (%s); resubscribing in %.1fs",
@@ -266,6 +325,7 @@ class Hub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
+                self.pubsub = None
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
@@ -322,7 +382,6 @@ async def ping(ws: web.WebSocketResponse) -> None:
 
 REDIS = web.AppKey("redis", Redis)
 HUB = web.AppKey("hub", Hub)
-KEYS = web.AppKey("keys", Keys)
 ORIGINS = web.AppKey("origins", frozenset)
 SCRIPTS = web.AppKey("scripts", Scripts)
 RETENTION_S = web.AppKey("retention", int)
@@ -411,6 +470,16 @@ def submit_args(prefix: str, retention: int, jobs: list[dict[str, str | int]],
             *(item for job in jobs for item in (job["id"], job["input"]))]
 
 
+def queue_of(request: web.Request, name: object = None) -> Keys:
+    """The keys of the queue a request names (`queue` in its query, or given: from its body);
+    the default queue if none."""
+    name = request.query.get("queue", DEFAULT_QUEUE) if name is None else name
+    if not isinstance(name, str) or not QUEUE_NAME.fullmatch(name):
+        raise error(web.HTTPBadRequest, "queue must be a name of 1 to 64 characters a-z, 0-9, "
+                                        "_ and -")
+    return request.app[HUB].queue(name)
+
+
 def job_id_of(request: web.Request) -> str:
     job_id = request.match_info.get("id") or request.query.get("id", "")
     if not job_id:
@@ -480,9 +549,10 @@ async def submit(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, 'body is not valid JSON; send {"input": "..."}') from None
     if not isinstance(data, dict):
         raise error(web.HTTPBadRequest, 'body must be a JSON object: {"input": "..."}')
-    texts, due = texts_of(data), due_of(data)
-    jobs, keys = new_jobs(texts, due), request.app[KEYS]
+    texts, due, keys = texts_of(data), due_of(data), queue_of(request, data.get("queue"))
+    jobs = new_jobs(texts, due)
     args = submit_args(keys.prefix, request.app[RETENTION_S], jobs, due)
+    await request.app[HUB].register(keys)
     if not (wanted := request.app[MIN_REPLICAS]):
         await request.app[SCRIPTS].submit(keys=[keys.queue], args=args)
     else:  # WAIT counts the writes of its own connection: one pipeline for both
@@ -497,13 +567,13 @@ async def submit(request: web.Request) -> web.Response:
                         f"still run; submit again (it may then run twice) or check its status")
     if "inputs" in data:
         return web.json_response({"jobs": jobs}, status=201)
-    job_id = jobs[0]["id"]
-    return web.json_response(jobs[0], status=201, headers={"Location": f"/status?id={job_id}"})
+    where = f"/status?id={jobs[0]['id']}" + (f"&queue={keys.name}" if data.get("queue") else "")
+    return web.json_response(jobs[0], status=201, headers={"Location": where})
 
 
 async def status(request: web.Request) -> web.Response:
     job_id = job_id_of(request)
-    job = await read_job(request.app[REDIS], request.app[KEYS].job(job_id))
+    job = await read_job(request.app[REDIS], queue_of(request).job(job_id))
     if not job:
         raise error(web.HTTPNotFound, "no job with that id")
     return web.json_response(job | {"attempts": int(job.get("attempts", 0)),
@@ -519,13 +589,14 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "redis": "ok"})
 
 
-def common(request: web.Request) -> list[str | int]:
+def common(request: web.Request, keys: Keys) -> list[str | int]:
     """The arguments every script takes first (see store.LUA_PRELUDE)."""
-    return [request.app[KEYS].prefix, now(), request.app[RETENTION_S]]
+    return [keys.prefix, now(), request.app[RETENTION_S]]
 
 
-async def job_reply(request: web.Request, job_id: str, status: int = 200) -> web.Response:
-    job = await read_job(request.app[REDIS], request.app[KEYS].job(job_id))
+async def job_reply(request: web.Request, keys: Keys, job_id: str,
+                    status: int = 200) -> web.Response:
+    job = await read_job(request.app[REDIS], keys.job(job_id))
     return web.json_response(job | {"attempts": int(job.get("attempts", 0)),
                                     "version": int(job.get("version", 0))}, status=status)
 
@@ -546,13 +617,13 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = int(text) if text.isascii() and text.isdigit() else 0
     if not 1 <= limit <= MAX_PAGE:
         raise error(web.HTTPBadRequest, f"limit must be a whole number from 1 to {MAX_PAGE}")
-    score, after = "+inf", ""
+    keys, score, after = queue_of(request), "+inf", ""
     if cursor := request.query.get("cursor"):
         if not (match := CURSOR.fullmatch(cursor)):
             raise error(web.HTTPBadRequest, "cursor must be a next_cursor this server gave")
         score, after = match.groups()
-    reply = await request.app[SCRIPTS].list(keys=[request.app[KEYS].index(status)],
-                                            args=[*common(request), score, after, limit])
+    reply = await request.app[SCRIPTS].list(keys=[keys.index(status)],
+                                            args=[*common(request, keys), score, after, limit])
     next_cursor = "-".join(reply.pop()) if reply and len(reply[-1]) == 2 else None
     jobs = [{"id": entry[0], **dict(zip(entry[1::2], entry[2::2], strict=True))}
             for entry in reply]
@@ -563,42 +634,39 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 async def retry(request: web.Request) -> web.Response:
     """POST /jobs/{id}/retry: a failed or cancelled job back on the queue, attempts reset."""
-    job_id = job_id_of(request)
-    was = await request.app[SCRIPTS].retry(keys=[request.app[KEYS].queue],
-                                           args=[*common(request), job_id])
+    job_id, keys = job_id_of(request), queue_of(request)
+    was = await request.app[SCRIPTS].retry(keys=[keys.queue], args=[*common(request, keys), job_id])
     if not was:
         raise error(web.HTTPNotFound, "no job with that id")
     if was not in ("failed", "cancelled"):
         raise conflict(job_id, was, "only a failed or cancelled job can be retried")
-    return await job_reply(request, job_id)
+    return await job_reply(request, keys, job_id)
 
 
 async def retry_failed(request: web.Request) -> web.Response:
     """POST /jobs/retry-failed: every job on the dead-letter list back on the queue."""
-    retried = await request.app[SCRIPTS].retry(keys=[request.app[KEYS].queue],
-                                               args=[*common(request), ""])
+    keys = queue_of(request)
+    retried = await request.app[SCRIPTS].retry(keys=[keys.queue], args=[*common(request, keys), ""])
     return web.json_response({"retried": retried})
 
 
 async def cancel(request: web.Request) -> web.Response:
     """POST /jobs/{id}/cancel: a queued or delayed job ends `cancelled` now (200); a running
     one is asked to stop (202), and ends `cancelled` once its worker has stopped it."""
-    job_id = job_id_of(request)
-    keys = request.app[KEYS]
+    job_id, keys = job_id_of(request), queue_of(request)
     was = await request.app[SCRIPTS].cancel(keys=[keys.job(job_id)],
-                                            args=[*common(request), job_id])
+                                            args=[*common(request, keys), job_id])
     if not was:
         raise error(web.HTTPNotFound, "no job with that id")
     if was in TERMINAL:
         raise conflict(job_id, was, "it has ended, and cannot be cancelled")
-    return await job_reply(request, job_id, 202 if was == "running" else 200)
+    return await job_reply(request, keys, job_id, 202 if was == "running" else 200)
 
 
-async def read_stats(request: web.Request) -> dict[str, Any]:
-    """The numbers of /stats and /metrics: one script call, and INFO memory."""
-    stats = json.loads(await request.app[SCRIPTS].stats(keys=[request.app[KEYS].queue],
-                                                        args=common(request)))
-    memory = await request.app[REDIS].info("memory")
+async def queue_stats(request: web.Request, keys: Keys) -> dict[str, Any]:
+    """One queue's numbers: one script call."""
+    stats = json.loads(await request.app[SCRIPTS].stats(keys=[keys.queue],
+                                                        args=common(request, keys)))
     return {
         "jobs": {state: stats["jobs"][state] for state in STATES},
         "queue_length": stats["queue_length"],
@@ -610,15 +678,52 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
                    for name in ("submitted", "done", "failed", "retried", "cancelled")},
         "done_per_minute": [{"minute": rfc3339(m), "done": done, "failed": failed}
                             for m, done, failed in stats["minutes"]],
-        "workers": sorted(({"name": w["name"], "host": w.get("host", ""),
-                            "pid": int(w.get("pid", 0)),
-                            "concurrency": int(w.get("concurrency", 0)),
-                            "running": w["running"] or [], "started": w.get("started", ""),
-                            "last_heartbeat": w.get("heartbeat", "")}
-                           for w in stats["workers"] or []), key=lambda w: w["name"]),
-        "redis": {"used_memory": memory["used_memory"], "maxmemory": memory["maxmemory"]},
+        "workers": [{"name": w["name"], "host": w.get("host", ""), "pid": int(w.get("pid", 0)),
+                     "concurrency": int(w.get("concurrency", 0)), "running": w["running"] or [],
+                     "started": w.get("started", ""), "last_heartbeat": w.get("heartbeat", "")}
+                    for w in stats["workers"] or []],
         "runtime": stats["runtime"] or {},
     }
+
+
+async def read_stats(request: web.Request) -> dict[str, Any]:
+    """The numbers of /stats and /metrics: of the queue named, or of every queue in the
+    registry added up (with each queue's own under "queues"); and Redis's memory."""
+    if "queue" in request.query:
+        queues = [queue_of(request)]
+    else:
+        hub = request.app[HUB]
+        await hub.follow_all()
+        queues = [hub.queue(name) for name in sorted(hub.queues)]
+    each = {keys.name: await queue_stats(request, keys) for keys in queues}
+    total: dict[str, Any] = {
+        "jobs": {state: sum(s["jobs"][state] for s in each.values()) for state in STATES}}
+    for field in ("queue_length", "delayed", "dead_letter"):
+        total[field] = sum(s[field] for s in each.values())
+    ages = [s["oldest_queued_age"] for s in each.values() if s["oldest_queued_age"] is not None]
+    total["oldest_queued_age"] = max(ages, default=None)
+    total["totals"] = dict(sum((Counter(s["totals"]) for s in each.values()), Counter()))
+    total["totals"] = {name: total["totals"].get(name, 0)
+                       for name in ("submitted", "done", "failed", "retried", "cancelled")}
+    minutes: dict[str, Counter[str]] = {}
+    for s in each.values():
+        for m in s["done_per_minute"]:
+            minutes.setdefault(m["minute"], Counter()).update(done=m["done"], failed=m["failed"])
+    total["done_per_minute"] = [{"minute": m, "done": c["done"], "failed": c["failed"]}
+                                for m, c in sorted(minutes.items())][-60:]
+    workers: dict[str, dict[str, Any]] = {}
+    for s in each.values():
+        for w in s["workers"]:
+            workers.setdefault(w["name"], w | {"running": []})["running"] += w["running"]
+    total["workers"] = sorted(workers.values(), key=lambda w: w["name"])
+    memory = await request.app[REDIS].info("memory")
+    total["redis"] = {"used_memory": memory["used_memory"], "maxmemory": memory["maxmemory"]}
+    total["runtime"] = dict(sum((Counter(s["runtime"]) for s in each.values()), Counter()))
+    if "queue" not in request.query:
+        total["queues"] = {name: {field: s[field] for field in (
+            "jobs", "queue_length", "delayed", "dead_letter", "oldest_queued_age", "totals")}
+            for name, s in each.items()}
+    return total
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -675,9 +780,9 @@ async def metrics(request: web.Request) -> web.Response:
 @contextlib.asynccontextmanager
 async def watching(request: web.Request) -> AsyncIterator[Watcher]:
     """Check the request, then watch the job; its current state is the first message."""
-    job_id = job_id_of(request)
+    job_id, keys = job_id_of(request), queue_of(request)
     check_origin(request)
-    async with request.app[HUB].watch(job_id) as watcher:
+    async with request.app[HUB].watch(keys, job_id) as watcher:
         if watcher is None:
             raise error(web.HTTPNotFound, "no job with that id")
         yield watcher
@@ -931,7 +1036,6 @@ def make_app(
     token, every request but /healthz and the dashboard's files must carry it."""
     app = web.Application(middlewares=[count_requests, json_errors, access],
                           client_max_size=max_input_bytes)
-    app[KEYS] = Keys(prefix)
     app[ORIGINS] = allowed_origins
     app[PINGER] = Pinger(heartbeat)
     app[RETENTION_S] = retention
@@ -956,7 +1060,7 @@ def make_app(
         await app[REDIS].aclose()
 
     async def listener(app: web.Application) -> AsyncIterator[None]:
-        app[HUB] = hub = Hub(app[REDIS], app[KEYS])
+        app[HUB] = hub = Hub(app[REDIS], prefix)
         tasks = [asyncio.create_task(hub.listen()), asyncio.create_task(app[PINGER].run()),
                  asyncio.create_task(hub.send_batches(FEED_EVERY))]
         yield

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,7 +22,9 @@ import redis.asyncio.sentinel
 import redis.sentinel
 from redis.connection import parse_url
 
-PREFIX = "{jobs}"  # the braces are a Redis Cluster hash tag: all keys share one slot
+PREFIX = "{jobs}"  # the braces are a Redis Cluster hash tag: a queue's keys share one slot
+DEFAULT_QUEUE = "default"  # its keys have the prefix itself; another queue's, see Keys
+QUEUE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 STATES = ("queued", "delayed", "running", "done", "failed", "cancelled")
 TERMINAL = ("done", "failed", "cancelled")
 RETENTION = 86_400  # seconds a finished job is kept
@@ -48,10 +51,17 @@ class Job(NamedTuple):
 
 
 class Keys:
-    """Every Redis key of one deployment; all share the prefix and so one cluster slot. The
-    scripts build the same names from the prefix (see LUA_PRELUDE)."""
+    """Every Redis key of one queue of a deployment; all share the queue's prefix and so one
+    cluster slot. The default queue's prefix is the deployment's ({jobs}), so data from before
+    named queues is the default queue's; another queue's puts its name inside the hash tag
+    ({jobs:emails}), or after the prefix when it has none. The scripts build the same names
+    from the prefix (see LUA_PRELUDE)."""
 
-    def __init__(self, prefix: str = PREFIX) -> None:
+    def __init__(self, prefix: str = PREFIX, queue: str = DEFAULT_QUEUE) -> None:
+        self.name = queue
+        self.registry = f"{prefix}:queues"  # set of the queues' names, in the default's slot
+        if queue != DEFAULT_QUEUE:
+            prefix = f"{prefix[:-1]}:{queue}}}" if prefix.endswith("}") else f"{prefix}:{queue}"
         self.prefix = prefix
         self.queue = f"{prefix}:queue"  # list of ids; LPUSH to add, BLMOVE from the right to take
         self.delayed = f"{prefix}:delayed"  # sorted set: ids of delayed jobs, by due time
@@ -569,6 +579,15 @@ def connect_async(url: str, **options: Any) -> redis.asyncio.Redis:
 
 
 SENTINEL_OPTIONS = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+
+
+def queue_names(text: str) -> list[str]:
+    """An argparse type: comma-separated queue names, each [a-z0-9_-]{1,64}."""
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        if not QUEUE_NAME.fullmatch(name):
+            raise argparse.ArgumentTypeError(f"{name!r} is not a queue name ([a-z0-9_-]{{1,64}})")
+    return list(dict.fromkeys(names))
 
 
 def non_empty(text: str) -> str:

@@ -48,6 +48,7 @@ from redis.retry import Retry
 
 from store import (
     ALLOW_OOM,
+    DEFAULT_QUEUE,
     FINISH,
     LEASE,
     PREFIX,
@@ -65,6 +66,7 @@ from store import (
     non_empty,
     now,
     number,
+    queue_names,
     redis_said,
     redis_url,
     rfc3339,
@@ -111,7 +113,8 @@ class Slot:
     cancelled."""
 
     def __init__(self, name: str, keys: Keys) -> None:
-        self.name = name  # <worker>/<n>: a member of the workers set
+        self.name = name  # <worker>/<n>: a member of its queue's workers set
+        self.keys = keys  # of the queue it takes jobs from
         self.processing = keys.processing(name)
         self.next_maintain = 0.0  # monotonic time of the next reclaim round (strays first)
         self.lock = threading.Lock()  # the slot's runner and the keeper
@@ -188,6 +191,7 @@ class Worker:
         retention: int = RETENTION,
         prefix: str = PREFIX,
         min_replicas: int = 0,
+        queues: tuple[str, ...] = (DEFAULT_QUEUE,),
     ) -> None:
         self.handler = handler
         self.is_async = inspect.iscoroutinefunction(handler)
@@ -198,11 +202,15 @@ class Worker:
         self.backoff = backoff
         self.retention = retention
         self.min_replicas = min_replicas
-        self.keys = Keys(prefix)
+        self.queues = [Keys(prefix, queue) for queue in queues]
+        self.keys = self.queues[0]
         self.redis_url = redis_url
         self.host, self.started = socket.gethostname(), now()
         self.name = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.slots = [Slot(f"{self.name}/{n}", self.keys) for n in range(concurrency)]
+        # Slot n takes jobs from queue n modulo the queues: each slot blocks on one queue.
+        self.slots = [Slot(f"{self.name}/{n}", self.queues[n % len(self.queues)])
+                      for n in range(concurrency)]
+        self.registered = False  # in the registry of queues
         self.redis = connect(redis_url, **self.client_options())
         self._start = self.redis.register_script(START)
         self._finish_take = self.redis.register_script(WRITES + FINISH)
@@ -252,7 +260,8 @@ class Worker:
                 return
             if time.monotonic() >= next_scan:  # dead workers' jobs, delayed ones due, cancels
                 with contextlib.suppress(redis.RedisError):  # the slots say what Redis does
-                    self.cancel(self.reclaim(stops=True)[2])
+                    for keys in self.queues:
+                        self.cancel(self.reclaim(keys=keys, stops=True)[2])
                 next_scan = time.monotonic() + MAINTAIN_EVERY
             if time.monotonic() >= next_renewal:
                 try:
@@ -274,10 +283,11 @@ class Worker:
         while not all(slot.idle() for slot in self.slots) and time.monotonic() < limit:
             time.sleep(0.01)
         try:
-            self.reclaim(*(slot.name for slot in self.slots), max_attempts=0, scan=False)
-            # Not leaving the worker set: should a finish in flight in a slot take one more
-            # job, any worker reclaims it once it sees the lease gone.
-            self.redis.delete(self.keys.lease(self.name))
+            for keys in self.queues:
+                self.reclaim(*self.names(keys), keys=keys, max_attempts=0, scan=False)
+                # Not leaving the worker set: should a finish in flight in a slot take one
+                # more job, any worker reclaims it once it sees the lease gone.
+                self.redis.delete(keys.lease(self.name))
         except redis.RedisError as exc:
             log.warning("could not give jobs back (%s); others will once the lease expires",
                         exc)
@@ -324,27 +334,38 @@ class Worker:
 
     # -- Redis steps ---------------------------------------------------------------------------
 
-    def common(self) -> list[str | int]:
-        """The arguments every script takes first (see store.LUA_PRELUDE)."""
-        return [self.keys.prefix, now(), self.retention]
+    def common(self, keys: Keys | None = None) -> list[str | int]:
+        """The arguments every script takes first (see store.LUA_PRELUDE), for a queue."""
+        return [(keys or self.keys).prefix, now(), self.retention]
+
+    def names(self, keys: Keys) -> list[str]:
+        """The names of the slots that take jobs from that queue."""
+        return [slot.name for slot in self.slots if slot.keys is keys]
 
     def heartbeat(self) -> None:
-        """Renew the lease (and re-register the slots, in case the worker was presumed dead)."""
-        self._lease(keys=[self.keys.lease(self.name)],
-                    args=[*self.common(), int(self.lease * 1000), self.host, os.getpid(),
-                          len(self.slots), self.started, *(slot.name for slot in self.slots)])
+        """Renew the lease in each queue (and re-register the slots, in case the worker was
+        presumed dead); the first time, add the queues to the registry."""
+        if not self.registered:
+            self.redis.sadd(self.keys.registry, *(keys.name for keys in self.queues))
+            self.registered = True
+        for keys in self.queues:
+            self._lease(keys=[keys.lease(self.name)],
+                        args=[*self.common(keys), int(self.lease * 1000), self.host, os.getpid(),
+                              len(self.slots), self.started, *self.names(keys)])
 
-    def reclaim(self, *idle: str, max_attempts: int | None = None, scan: bool = True,
-                stops: bool = False) -> tuple[int, int, list[str]]:
-        """Requeue what the idle slots named hold (strays) and, with scan, the jobs of workers
-        whose lease expired, and queue the delayed jobs due. Returns (jobs requeued, delayed
-        jobs queued, and with stops: the ids of this worker's jobs asked to stop)."""
-        return self.reclaimed(*self._reclaim(keys=[self.keys.queue], args=self.reclaim_args(
-            idle, max_attempts, scan, stops)))
+    def reclaim(self, *idle: str, keys: Keys | None = None, max_attempts: int | None = None,
+                scan: bool = True, stops: bool = False) -> tuple[int, int, list[str]]:
+        """In a queue (default: the first): requeue what the idle slots named hold (strays)
+        and, with scan, the jobs of workers whose lease expired, and queue the delayed jobs
+        due. Returns (jobs requeued, delayed jobs queued, and with stops: the ids of this
+        worker's jobs asked to stop)."""
+        keys = keys or self.keys
+        return self.reclaimed(*self._reclaim(keys=[keys.queue], args=self.reclaim_args(
+            idle, max_attempts, scan, stops, keys)))
 
     def reclaim_args(self, idle: tuple[str, ...], max_attempts: int | None, scan: bool,
-                     stops: bool = False) -> list[str | int | float]:
-        return [*self.common(), time.time(),
+                     stops: bool = False, keys: Keys | None = None) -> list[str | int | float]:
+        return [*self.common(keys), time.time(),
                 self.max_attempts if max_attempts is None else max_attempts, int(scan),
                 self.name if stops else "", *idle]
 
@@ -356,13 +377,14 @@ class Worker:
 
     def take(self, slot: Slot) -> Job | None:
         """Block up to BLOCK seconds for a job for the slot; return it once it is running."""
-        taken = self.redis.blmove(self.keys.queue, slot.processing, BLOCK, "RIGHT", "LEFT")
+        taken = self.redis.blmove(slot.keys.queue, slot.processing, BLOCK, "RIGHT", "LEFT")
         if taken is None:
             return None
-        return Job.started(self._start(keys=[slot.processing], args=self.start_args(taken)))
+        return Job.started(self._start(keys=[slot.processing],
+                                       args=self.start_args(taken, slot.keys)))
 
-    def start_args(self, taken: bytes | str) -> list[bytes | str | int]:
-        return [*self.common(), taken]
+    def start_args(self, taken: bytes | str, keys: Keys | None = None) -> list[bytes | str | int]:
+        return [*self.common(keys), taken]
 
     def finish(self, slot: Slot, job: Job, outcome: str, result: str = "", error: str = "",
                due: float = 0.0, *, ran: float = 0.0, take_next: bool = True) -> Job | None:
@@ -402,10 +424,10 @@ class Worker:
     def finish_call(self, slot: Slot, job: Job, outcome: str, result: str, error: str,
                     due: float, ran: float,
                     ) -> tuple[list[str], Callable[[bool], list[str | int | float]]]:
-        keys = [self.keys.job(job.id), slot.processing, self.keys.queue]
+        keys = [slot.keys.job(job.id), slot.processing, slot.keys.queue]
 
         def args(take_next: bool) -> list[str | int | float]:
-            return [*self.common(), job.id, outcome, result, error, due,
+            return [*self.common(slot.keys), job.id, outcome, result, error, due,
                     rfc3339(due) if due else "", int(take_next), job.attempt, ran, bucket(ran)]
         return keys, args
 
@@ -514,7 +536,7 @@ class Worker:
             try:
                 if time.monotonic() >= slot.next_maintain:
                     # holding no job: anything in its list is a stray
-                    self.reclaim(slot.name, scan=False)
+                    self.reclaim(slot.name, keys=slot.keys, scan=False)
                     slot.next_maintain = time.monotonic() + MAINTAIN_EVERY
                 job = self.take(slot)
                 while job is not None:
@@ -546,10 +568,12 @@ class Worker:
         reclaim = client.register_script(RECLAIM)
 
         async def take() -> Job | None:
-            taken = await client.blmove(self.keys.queue, slot.processing, BLOCK, "RIGHT", "LEFT")
+            taken = await client.blmove(slot.keys.queue, slot.processing, BLOCK, "RIGHT",
+                                        "LEFT")
             if taken is None:
                 return None
-            return Job.started(await start(keys=[slot.processing], args=self.start_args(taken)))
+            return Job.started(await start(keys=[slot.processing],
+                                           args=self.start_args(taken, slot.keys)))
 
         async def record(job: Job, outcome: tuple[str, str, str, float],
                          ran: float) -> Job | None:
@@ -590,9 +614,9 @@ class Worker:
         while not self.stopping:
             try:
                 if time.monotonic() >= slot.next_maintain:
-                    self.reclaimed(*await reclaim(keys=[self.keys.queue],
+                    self.reclaimed(*await reclaim(keys=[slot.keys.queue],
                                                   args=self.reclaim_args((slot.name,), None,
-                                                                         False)))
+                                                                         False, keys=slot.keys)))
                     slot.next_maintain = time.monotonic() + MAINTAIN_EVERY
                 job = await take()
                 while job is not None:
@@ -641,7 +665,8 @@ class Worker:
         keeper = threading.Thread(target=self.keeper, name="keeper", daemon=True)
         keeper.start()
         log.info("worker %s: waiting for jobs on %s, %d at a time (%s handler)", self.name,
-                 self.keys.queue, len(self.slots), "async" if self.is_async else "plain")
+                 ", ".join(keys.queue for keys in self.queues), len(self.slots),
+                 "async" if self.is_async else "plain")
         if self.is_async:
             asyncio.run(self.run_slots_async())
         else:
@@ -660,13 +685,14 @@ class Worker:
     def close(self) -> None:
         """Leave the worker set (holding no job: whatever a slot's list holds is a stray, and
         goes back to the queue)."""
-        names = [slot.name for slot in self.slots]
         try:
-            self.reclaim(*names, max_attempts=0, scan=False)
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self.keys.lease(self.name), self.keys.stop(self.name))
-                pipe.srem(self.keys.workers, *names)
-                pipe.execute()
+            for keys in self.queues:
+                names = self.names(keys)
+                self.reclaim(*names, keys=keys, max_attempts=0, scan=False)
+                with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(keys.lease(self.name), keys.stop(self.name))
+                    pipe.srem(keys.workers, *names)
+                    pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not deregister (%s); the lease will expire in %.0fs",
                         exc, self.lease)
@@ -708,6 +734,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=non_empty,
                         default=from_env(parser, "JOBS_PREFIX", non_empty, PREFIX),
                         help="key prefix of this deployment (env JOBS_PREFIX; default %(default)s)")
+    parser.add_argument("--queues", type=queue_names,
+                        default=from_env(parser, "JOB_QUEUES", queue_names, [DEFAULT_QUEUE]),
+                        metavar="NAME[,NAME...]",
+                        help="comma-separated queues to take jobs from, each slot from one of "
+                             "them in turn (no strict priority between them) (env JOB_QUEUES; "
+                             "default: default)")
     parser.add_argument("--min-replicas", type=number(int, 0),
                         default=from_env(parser, "JOBS_MIN_REPLICAS", number(int, 0), 0),
                         help="after finishing a job, wait (up to 1 s) for this many replicas of "
@@ -716,13 +748,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="check the settings and load the handler, then exit 0 without "
                              "starting (Redis is not contacted)")
     args = parser.parse_args(argv)
+    if args.concurrency < len(args.queues):
+        parser.error(f"--concurrency {args.concurrency} is less than the {len(args.queues)} "
+                     f"queues: every queue needs a slot")
     if args.check:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(message)s")
     worker = Worker(args.redis_url, args.handler or upper, concurrency=args.concurrency,
                     timeout=args.timeout, max_attempts=args.max_attempts, lease=args.lease,
                     grace=args.grace, backoff=args.backoff, retention=args.retention,
-                    prefix=args.prefix, min_replicas=args.min_replicas)
+                    prefix=args.prefix, min_replicas=args.min_replicas,
+                    queues=tuple(args.queues))
     return worker.run()
 
 

@@ -1092,7 +1092,7 @@ async def test_feed_batches_every_change(client: Client, r: redis.Redis, prefix:
     for batch in events:
         assert len({m["id"] for m in batch}) == len(batch)  # the newest state of each job
         for message in batch:
-            assert set(message) == set(MESSAGE_FIELDS), message
+            assert set(message) == {*MESSAGE_FIELDS, "queue"}, message  # and its queue
             assert message["version"] > seen.get(message["id"], 0)  # never an older state
             seen[message["id"]] = message["version"]
     assert seen[later] == 2 and seen[ids[0]] == 3  # submitted, cancelled; queued, running, done
