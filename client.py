@@ -8,6 +8,7 @@
     python client.py --retry ID                  # runs a failed or cancelled job again, waits
     python client.py --cancel ID                 # cancels a queued, delayed or running job
     python client.py --stats                     # counts, workers and Redis memory, a few lines
+    python client.py --queue emails "hi"         # the job goes to (and is followed in) a queue
     JOBS_TOKEN=secret python client.py "hi"      # a server started with a token needs it
 
 Progress goes to stderr, the result to stdout. The client follows the job over the WebSocket;
@@ -40,6 +41,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import urllib.parse
 from datetime import UTC, datetime
@@ -48,6 +50,7 @@ from typing import Any
 import aiohttp
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
+DEFAULT_QUEUE = "default"
 STATES = ("queued", "delayed", "running", "done", "failed", "cancelled")
 TERMINAL = ("done", "failed", "cancelled")
 DONE, FAILED, ERROR, TIMED_OUT = 0, 1, 2, 3  # exit status; a cancelled job exits FAILED
@@ -111,6 +114,14 @@ def delay(text: str) -> float:
     return value
 
 
+def queue_name(text: str) -> str:
+    """An argparse type: a queue's name."""
+    if not re.fullmatch(r"[a-z0-9_-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a queue name (a-z, 0-9, _ and -, "
+                                         f"1 to 64 characters)")
+    return text
+
+
 def whole(text: str) -> int:
     """An argparse type: a whole number, at least 1."""
     try:
@@ -166,19 +177,27 @@ def job_url(server: str, job_id: str, action: str) -> str:
     return f"{server}/jobs/{urllib.parse.quote(job_id, safe='')}/{action}"
 
 
+def on(queue: str, **params: str) -> dict[str, str]:
+    """Query parameters, with the queue's name unless it is the default."""
+    return params | ({} if queue == DEFAULT_QUEUE else {"queue": queue})
+
+
 async def submit_job(session: aiohttp.ClientSession, server: str, text: str,
-                     delay: float | None = None) -> Job:
+                     delay: float | None = None, queue: str = DEFAULT_QUEUE) -> Job:
     body: dict[str, Any] = {"input": text} if delay is None else {"input": text, "delay": delay}
+    if queue != DEFAULT_QUEUE:
+        body["queue"] = queue
     return await request_json(session, "POST", f"{server}/submit", json=body)
 
 
-async def follow(session: aiohttp.ClientSession, server: str, job_id: str) -> Job:
+async def follow(session: aiohttp.ClientSession, server: str, job_id: str,
+                 queue: str = DEFAULT_QUEUE) -> Job:
     """Follow the job over the WebSocket until it ends, reconnecting after drops; the last
     state (a message: id, status, result, error, attempts, updated, version)."""
     delay, last = 0.1, ""
     while True:
         try:
-            async with session.ws_connect(f"{server}/ws", params={"id": job_id}) as ws:
+            async with session.ws_connect(f"{server}/ws", params=on(queue, id=job_id)) as ws:
                 delay = 0.1
                 async for message in ws:
                     if message.type is not aiohttp.WSMsgType.TEXT:
@@ -200,7 +219,8 @@ async def follow(session: aiohttp.ClientSession, server: str, job_id: str) -> Jo
             pass
         log.info("connection to %s lost; reconnecting in %.1fs", server, delay)
         try:  # the end may have come while we were away
-            job = await request_json(session, "GET", f"{server}/status", params={"id": job_id})
+            job = await request_json(session, "GET", f"{server}/status",
+                                     params=on(queue, id=job_id))
             if job["status"] in TERMINAL:
                 return job
         except ServerError as exc:
@@ -210,13 +230,14 @@ async def follow(session: aiohttp.ClientSession, server: str, job_id: str) -> Jo
         delay = min(delay * 2, RECONNECT_CAP)
 
 
-async def wait_for_end(session: aiohttp.ClientSession, server: str, job_id: str) -> Job:
+async def wait_for_end(session: aiohttp.ClientSession, server: str, job_id: str,
+                       queue: str = DEFAULT_QUEUE) -> Job:
     """The job once it has ended: GET /status, then `follow` it if it has not (the job with
     the fields of its last message over them). No deadline of its own: run it under
     `asyncio.timeout`."""
-    job = await request_json(session, "GET", f"{server}/status", params={"id": job_id})
+    job = await request_json(session, "GET", f"{server}/status", params=on(queue, id=job_id))
     if job["status"] not in TERMINAL:
-        return {**job, **await follow(session, server, job_id)}
+        return {**job, **await follow(session, server, job_id, queue)}
     log.info("job %s: %s", job_id, job["status"])
     return job
 
@@ -226,7 +247,7 @@ def too_late(timeout: float, job_id: str) -> TimeoutError:
 
 
 def submit(text: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
-           delay: float | None = None) -> Job:
+           delay: float | None = None, queue: str = DEFAULT_QUEUE) -> Job:
     """Submit a job (POST /submit) and return it as the server stored it: `status` "queued",
     or "delayed" with `run_at` when `delay` (seconds, at least 0) is given.
 
@@ -235,12 +256,12 @@ def submit(text: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
     reached or refuses (a 400 for a bad delay), ValueError for an empty token."""
     async def go() -> Job:
         async with open_session(token) as s:
-            return await submit_job(s, server.rstrip("/"), text, delay)
+            return await submit_job(s, server.rstrip("/"), text, delay, queue)
     return asyncio.run(go())
 
 
 def wait(job_id: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
-         timeout: float = 60.0) -> Job:
+         timeout: float = 60.0, queue: str = DEFAULT_QUEUE) -> Job:
     """Wait for the job to end and return its final state: `status` "done" (with `result`),
     "failed" (with `error`) or "cancelled". It follows the job over the WebSocket and, if the
     connection drops, asks /status and reconnects until the timeout.
@@ -250,7 +271,7 @@ def wait(job_id: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
     reached, or refuses (a 404 for an unknown id)."""
     async def go() -> Job:
         async with open_session(token) as s, asyncio.timeout(timeout):
-            return await wait_for_end(s, server.rstrip("/"), job_id)
+            return await wait_for_end(s, server.rstrip("/"), job_id, queue)
     try:
         return asyncio.run(go())
     except TimeoutError:
@@ -292,11 +313,11 @@ def line(job: Job) -> str:
 
 
 async def list_jobs(session: aiohttp.ClientSession, server: str, status: str,
-                    limit: int) -> int:
+                    limit: int, queue: str = DEFAULT_QUEUE) -> int:
     """Print the newest `limit` jobs in `status`, following the server's cursor."""
     shown, cursor = 0, None
     while shown < limit:
-        params = {"status": status, "limit": str(min(limit - shown, PAGE))}
+        params = on(queue, status=status, limit=str(min(limit - shown, PAGE)))
         if cursor is not None:
             params["cursor"] = cursor
         page = await request_json(session, "GET", f"{server}/jobs", params=params)
@@ -334,8 +355,9 @@ def summary(stats: dict[str, Any]) -> list[str]:
     ]
 
 
-async def cancel(session: aiohttp.ClientSession, server: str, job_id: str) -> int:
-    job = await request_json(session, "POST", job_url(server, job_id, "cancel"))
+async def cancel(session: aiohttp.ClientSession, server: str, job_id: str,
+                 queue: str = DEFAULT_QUEUE) -> int:
+    job = await request_json(session, "POST", job_url(server, job_id, "cancel"), params=on(queue))
     if job["status"] == "running":  # 202: its worker stops it within about a second
         log.info("job %s: running; cancel requested", job_id)
     else:
@@ -346,18 +368,20 @@ async def cancel(session: aiohttp.ClientSession, server: str, job_id: str) -> in
 async def act(session: aiohttp.ClientSession, server: str, args: argparse.Namespace) -> int:
     """Do what the command line asks; the exit status."""
     if args.list:
-        return await list_jobs(session, server, args.list, args.limit or 50)
+        return await list_jobs(session, server, args.list, args.limit or 50, args.queue)
     if args.stats:
-        print("\n".join(summary(await request_json(session, "GET", f"{server}/stats"))))
+        stats = await request_json(session, "GET", f"{server}/stats", params=on(args.queue))
+        print("\n".join(summary(stats)))
         return DONE
     if args.cancel:
-        return await cancel(session, server, args.cancel)
+        return await cancel(session, server, args.cancel, args.queue)
     job_id, timeout = args.watch, args.timeout
     if args.text is not None:
-        job_id = (await submit_job(session, server, args.text, args.delay))["id"]
+        job_id = (await submit_job(session, server, args.text, args.delay, args.queue))["id"]
         timeout += args.delay or 0
     elif args.retry:
-        job_id = (await request_json(session, "POST", job_url(server, args.retry, "retry")))["id"]
+        job_id = (await request_json(session, "POST", job_url(server, args.retry, "retry"),
+                                     params=on(args.queue)))["id"]
     if args.no_wait:
         print(job_id, flush=True)
         return DONE
@@ -365,7 +389,7 @@ async def act(session: aiohttp.ClientSession, server: str, args: argparse.Namesp
         log.info("%s job %s", "retried" if args.retry else "submitted", job_id)
     try:
         async with asyncio.timeout(timeout):
-            return outcome(await wait_for_end(session, server, job_id))
+            return outcome(await wait_for_end(session, server, job_id, args.queue))
     except TimeoutError:
         log.error("%s", too_late(timeout, job_id))
         return TIMED_OUT
@@ -426,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                              "Bearer' (env JOBS_TOKEN, which is safer: a flag shows in ps)")
     parser.add_argument("--timeout", type=seconds, default=60.0, metavar="SECONDS",
                         help="seconds to wait for the job to end, after its --delay "
+                             "(default %(default)s)")
+    parser.add_argument("--queue", type=queue_name, default=DEFAULT_QUEUE, metavar="NAME",
+                        help="the queue of the job(s): a-z, 0-9, _ and -, 1 to 64 characters "
                              "(default %(default)s)")
     parser.add_argument("--delay", type=delay, metavar="SECONDS",
                         help="with TEXT: run the job SECONDS from now (status delayed until)")

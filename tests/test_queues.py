@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import aiohttp
 import pytest
 import redis
 
+import client
 from store import Keys
-from tests.conftest import Procs, eventually, free_port
+from tests.conftest import ROOT, Procs, eventually, free_port
 
 
 def test_each_queue_has_a_hash_tag_of_its_own_and_the_default_keeps_the_old_keys() -> None:
@@ -109,3 +112,16 @@ async def test_cancel_and_retry_take_the_queue(stack: str) -> None:
         assert again["status"] in ("queued", "running", "done")
         await eventually(lambda: _status(session, base, later["id"], "emails"),
                          what="the retried job to be done")
+
+
+def test_the_client_submits_to_a_queue_and_follows_it_there(stack: str) -> None:
+    done = subprocess.run([sys.executable, "client.py", "--server", f"http://{stack}",
+                           "--queue", "emails", "hello"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (0, "HELLO\n"), done.stderr
+    job = client.submit("again", server=f"http://{stack}", queue="emails")
+    assert client.wait(job["id"], server=f"http://{stack}", queue="emails",
+                       timeout=20)["result"] == "AGAIN"
+    bad = subprocess.run([sys.executable, "client.py", "--queue", "No", "x"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "is not a queue name" in bad.stderr
