@@ -380,15 +380,16 @@ def test_finished_jobs_expire_and_nothing_grows(stack: Stack) -> None:
     procs.worker("--retention", "2")
     procs.worker("--retention", "2")
     wait_until(lambda: r.llen(Keys(prefix).queue) == 0, 120, what="the queue to drain")
-    # After the retention, what is left is the two workers' bookkeeping, the totals, the
-    # run-time histogram and the last hour's per-minute counts (at most two minutes here).
+    # After the retention, what is left is the two workers' bookkeeping, the registry of
+    # queues, the totals, the run-time histogram and the last hour's per-minute counts (at most
+    # two minutes here).
     def kinds() -> list[str]:
         return sorted(k.split(":")[1] for k in r.scan_iter(match=f"{prefix}:*"))
 
     wait_until(lambda: not {"job", "index"} & set(kinds()), 30, what="finished jobs to expire")
     left = kinds()
-    assert [k for k in left if k != "minute"] == ["counters", "lease", "lease", "runtime",
-                                                  "workers"]
+    assert [k for k in left if k != "minute"] == ["counters", "lease", "lease", "queues",
+                                                  "runtime", "workers"]
     assert 1 <= left.count("minute") <= 2
 
 
