@@ -1051,7 +1051,7 @@ def make_app(
             "health_check_interval": int(HEARTBEAT),
             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)}
         if redis_url.startswith(SENTINEL_SCHEME):
-            app[REDIS] = connect_async(redis_url, **options)
+            app[REDIS] = connect_async(redis_url, timeout=POOL_WAIT, **options)
         else:
             app[REDIS] = Redis.from_pool(BlockingConnectionPool.from_url(
                 redis_url, timeout=POOL_WAIT, **options))

@@ -574,8 +574,15 @@ def connect_async(url: str, **options: Any) -> redis.asyncio.Redis:
     where = Sentinel.parse(url)
     sentinels = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         where.addresses, sentinel_kwargs=SENTINEL_OPTIONS)
-    master = sentinels.master_for(where.service, db=where.db, password=where.password, **options)
+    master = sentinels.master_for(where.service, db=where.db, password=where.password,
+                                  connection_pool_class=BlockingSentinelPool, **options)
     return cast(redis.asyncio.Redis, master)
+
+
+class BlockingSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool,
+                           redis.asyncio.BlockingConnectionPool):
+    """Sentinel's pool (the master it names now), waiting up to `timeout` s for a free
+    connection, as a redis:// BlockingConnectionPool does, rather than failing at once."""
 
 
 SENTINEL_OPTIONS = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}

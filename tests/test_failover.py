@@ -17,6 +17,7 @@ import collections
 import json
 import math
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -336,3 +337,29 @@ async def test_failover_with_min_replicas_0_may_lose_the_last_writes(
         "no submit was accepted after the failover"
     assert [p.poll() for p in started] == [None] * 3
     no_traceback(procs, *started)
+
+
+async def test_requests_wait_for_a_free_connection_over_sentinel_too(
+        sentinels: Sentinels, procs: Procs) -> None:
+    """Each submit holds a connection for its WAIT (up to 1 s) while the replica does not
+    answer: 300 at once are more than the server's 128 connections. Over redis:// the rest wait
+    for one; over Sentinel they used to fail at once, "Too many connections" said as 503
+    "unavailable"."""
+    replica = sentinels.data[1]
+    assert replica.proc is not None
+    procs.redis_url = sentinels.url
+    port = free_port()
+    procs.server(port, "--min-replicas", "1")
+    replica.proc.send_signal(signal.SIGSTOP)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def submit() -> tuple[int, str]:
+                async with session.post(f"http://127.0.0.1:{port}/submit",
+                                        json={"input": "x"}) as response:
+                    return response.status, (await response.json())["error"]
+            answers = await asyncio.gather(*(submit() for _ in range(300)))
+    finally:
+        replica.proc.send_signal(signal.SIGCONT)
+    assert {status for status, _ in answers} == {503}
+    assert all("not confirmed by 1 replica" in error for _, error in answers), \
+        collections.Counter(error for _, error in answers)
