@@ -192,6 +192,7 @@ end
 # KEYS: queue. ARGV: (prefix, now, retention), due (unix time, or '' to queue now), n, then
 # n field-value pairs every job gets, then id-input pairs: one per job. Stores and queues (or
 # delays) them all in one step, or none: refused before it runs while Redis refuses writes.
+# Sent again (a client's retry after a lost reply), it leaves the jobs it already stored alone.
 SUBMIT = WRITES + LUA_PRELUDE + """
 local due, n = ARGV[4], tonumber(ARGV[5])
 local fields = {unpack(ARGV, 6, 5 + 2 * n)}
@@ -200,15 +201,17 @@ local _, score = clock()
 local jobs = 0
 for i = 6 + 2 * n, #ARGV, 2 do
   local id = ARGV[i]
-  redis.call('HSET', job_key(id), 'id', id, 'input', ARGV[i + 1], unpack(fields))
-  redis.call('ZADD', P .. ':index:' .. status, score, id)
-  if due == '' then
-    redis.call('LPUSH', KEYS[1], id)
-  else
-    redis.call('ZADD', P .. ':delayed', due, id)
+  if redis.call('EXISTS', job_key(id)) == 0 then  -- sent again after a lost reply: done already
+    redis.call('HSET', job_key(id), 'id', id, 'input', ARGV[i + 1], unpack(fields))
+    redis.call('ZADD', P .. ':index:' .. status, score, id)
+    if due == '' then
+      redis.call('LPUSH', KEYS[1], id)
+    else
+      redis.call('ZADD', P .. ':delayed', due, id)
+    end
+    emit(id)
+    jobs = jobs + 1
   end
-  emit(id)
-  jobs = jobs + 1
 end
 count('submitted', jobs)
 """

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from store import CANCEL, RETENTION, Keys
+from server import new_jobs, submit_args
+from store import CANCEL, RETENTION, SUBMIT, Keys
 from tests.conftest import Procs, enqueue, job, processing_keys, wait_until
 from worker import Worker
 
@@ -401,3 +402,18 @@ def test_a_stray_copy_of_a_job_running_elsewhere_is_dropped(r: redis.Redis, redi
     assert status_of(r, prefix, job_id) == "running"
     assert job(r, prefix, job_id)["worker"] == worker.slots[0].name
     assert r.llen(Keys(prefix).queue) == 0 and not r.exists(worker.slots[1].processing)
+
+
+def test_a_submit_sent_again_after_a_lost_reply_changes_nothing(r: redis.Redis, redis_url: str,
+                                                                 prefix: str) -> None:
+    """The server's client retries a command whose reply was lost: a job stored (and maybe
+    started) by the first send is left as it is by the second."""
+    keys, jobs = Keys(prefix), new_jobs(["x"])
+    submit = r.register_script(SUBMIT)
+    args = submit_args(prefix, RETENTION, jobs, None)
+    submit(keys=[keys.queue], args=args)
+    worker = Worker(redis_url, prefix=prefix)
+    assert worker.take(worker.slots[0]) is not None  # started meanwhile
+    submit(keys=[keys.queue], args=args)
+    assert status_of(r, prefix, str(jobs[0]["id"])) == "running"
+    assert r.llen(keys.queue) == 0 and r.hget(keys.counters, "submitted") == "1"
