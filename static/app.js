@@ -26,6 +26,7 @@ const state = {
   statsFailed: false,
   noticeTimer: 0,
   filter: "", // "" = the newest jobs of every state; else one state
+  queue: "default", // the queue the counts and the jobs table show
   cursor: null,
   limit: MAX_ROWS,
   rows: new Map(), // id -> {tr, job}
@@ -36,6 +37,11 @@ const state = {
 // ---- talking to the server ----
 
 async function api(method, path, body) {
+  // The calls about jobs name the queue shown (none: the default one).
+  if (state.queue !== "default" && /^\/(jobs|status|stats)/.test(path)) {
+    path += `${path.includes("?") ? "&" : "?"}queue=${encodeURIComponent(state.queue)}`;
+  }
+  if (state.queue !== "default" && path === "/submit") body = { ...body, queue: state.queue };
   const options = { method, headers: {} };
   if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
@@ -156,7 +162,7 @@ async function pollStats() {
   if (!state.running) return;
   state.statsBusy = true;
   try {
-    showStats(await api("GET", "/stats"));
+    showStats(await api("GET", "/stats"), await queueNames());
     if (state.statsFailed) notify("");
     state.statsFailed = false;
   } catch (error) {
@@ -175,7 +181,37 @@ async function pollStats() {
   }
 }
 
-function showStats(stats) {
+// Every queue's name (GET /stats without a queue lists them), for the queue picker.
+async function queueNames() {
+  if (state.queue === "default") return null; // the /stats just read lists them
+  const saved = state.queue;
+  state.queue = "default";
+  try {
+    return Object.keys((await api("GET", "/stats")).queues || {});
+  } finally {
+    state.queue = saved;
+  }
+}
+
+function showQueues(names) {
+  const picker = $("#queue-select");
+  const all = [...new Set(["default", ...names, state.queue])].sort();
+  if ([...picker.options].map((o) => o.value).join() === all.join()) return;
+  picker.replaceChildren(...all.map((name) => new Option(name, name, false,
+                                                          name === state.queue)));
+  picker.hidden = all.length < 2;
+}
+
+function chooseQueue() {
+  state.queue = $("#queue-select").value;
+  loadJobs();
+  pollStats();
+}
+
+function showStats(all, names) {
+  showQueues(names || Object.keys(all.queues || {}));
+  // Counts of the queue shown; the chart and the workers of every queue (for the default).
+  const stats = { ...all, ...((all.queues || {})[state.queue] || {}) };
   for (const status of STATES) setText(`#count-${status}`, number(stats.jobs[status]));
   setText("#queue-length", number(stats.queue_length));
   setText("#delayed-length", number(stats.delayed));
@@ -514,7 +550,9 @@ function openFeed() {
     } catch {
       return;
     }
-    if (Array.isArray(messages)) messages.forEach(apply);
+    if (Array.isArray(messages)) {
+      messages.filter((m) => (m.queue || "default") === state.queue).forEach(apply);
+    }
   };
   feed.onerror = () => {
     if (state.feed !== feed) return;
@@ -589,6 +627,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#signout").addEventListener("click", signOut);
   $("#submit-form").addEventListener("submit", submitJob);
   $("#tabs").addEventListener("click", chooseTab);
+  $("#queue-select").addEventListener("change", chooseQueue);
   $("#retry-all").addEventListener("click", retryAll);
   $("#more").addEventListener("click", loadMore);
   start();

@@ -199,3 +199,28 @@ def test_when_the_feed_comes_back_the_page_reads_the_lists_again(
     expect(page.locator("#live")).to_have_text("live")
     expect(status_cell(page, job_id)).to_have_text("queued")
     expect(page.locator("#count-queued")).to_have_text("1")
+
+
+def test_the_queue_picker_shows_one_queue_at_a_time(page: Page, procs: Procs) -> None:
+    console = Console(page)
+    base = start(procs, "--queues", "default,emails", "--concurrency", "2")
+    plain = post(f"{base}/submit", {"input": "plain"})
+    open_dashboard(page, base)
+    expect(status_cell(page, plain["id"])).to_have_text("done")
+    mail = post(f"{base}/submit", {"input": "mail", "queue": "emails"})
+    picker = page.locator("#queue-select")
+    expect(picker).to_be_visible()  # a second queue exists now
+    expect(status_cell(page, mail["id"])).to_have_count(0)  # not the default queue's
+    picker.select_option("emails")
+    expect(status_cell(page, mail["id"])).to_have_text("done")
+    expect(status_cell(page, plain["id"])).to_have_count(0)
+    expect(page.locator("#count-done")).to_have_text("1")
+    later = page.locator("#submit-input")  # the box submits to the queue shown
+    later.fill("from the page")
+    page.locator("#submit-delay").fill("3600")
+    page.locator("#submit-button").click()
+    expect(page.locator("tr", has_text="from the page").locator(".status")).to_have_text(
+        "delayed")
+    delayed = get(f"{base}/jobs?status=delayed&queue=emails")["jobs"]
+    assert [job["input"] for job in delayed] == ["from the page"]
+    assert console.messages == []
