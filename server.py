@@ -450,12 +450,13 @@ async def json_errors(
                                  status=500)
 
 
-def new_jobs(texts: list[str], due: float | None = None) -> list[dict[str, str | int]]:
+def new_jobs(texts: list[str], due: float | None = None,
+             queue: str = DEFAULT_QUEUE) -> list[dict[str, str | int]]:
     """Jobs as first stored: every field there, queued (or delayed until `due`), version 1."""
     created = now()
     fields: dict[str, str | int] = {
-        "status": "queued" if due is None else "delayed", "result": "", "error": "",
-        "attempts": 0, "created": created, "updated": created, "version": 1}
+        "queue": queue, "status": "queued" if due is None else "delayed", "result": "",
+        "error": "", "attempts": 0, "created": created, "updated": created, "version": 1}
     if due is not None:
         fields["run_at"] = rfc3339(due)
     return [{"id": uuid.uuid4().hex, "input": text, **fields} for text in texts]
@@ -550,7 +551,7 @@ async def submit(request: web.Request) -> web.Response:
     if not isinstance(data, dict):
         raise error(web.HTTPBadRequest, 'body must be a JSON object: {"input": "..."}')
     texts, due, keys = texts_of(data), due_of(data), queue_of(request, data.get("queue"))
-    jobs = new_jobs(texts, due)
+    jobs = new_jobs(texts, due, keys.name)
     args = submit_args(keys.prefix, request.app[RETENTION_S], jobs, due)
     await request.app[HUB].register(keys)
     if not (wanted := request.app[MIN_REPLICAS]):
@@ -572,12 +573,12 @@ async def submit(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    job_id = job_id_of(request)
-    job = await read_job(request.app[REDIS], queue_of(request).job(job_id))
+    job_id, keys = job_id_of(request), queue_of(request)
+    job = await read_job(request.app[REDIS], keys.job(job_id))
     if not job:
         raise error(web.HTTPNotFound, "no job with that id")
-    return web.json_response(job | {"attempts": int(job.get("attempts", 0)),
-                                    "version": int(job.get("version", 0))})
+    return web.json_response({"queue": keys.name} | job | {  # stored before queues: no field
+        "attempts": int(job.get("attempts", 0)), "version": int(job.get("version", 0))})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -597,8 +598,9 @@ def common(request: web.Request, keys: Keys) -> list[str | int]:
 async def job_reply(request: web.Request, keys: Keys, job_id: str,
                     status: int = 200) -> web.Response:
     job = await read_job(request.app[REDIS], keys.job(job_id))
-    return web.json_response(job | {"attempts": int(job.get("attempts", 0)),
-                                    "version": int(job.get("version", 0))}, status=status)
+    return web.json_response({"queue": keys.name} | job | {
+        "attempts": int(job.get("attempts", 0)), "version": int(job.get("version", 0))},
+        status=status)
 
 
 def conflict(job_id: str, status: str, rule: str) -> web.HTTPError:

@@ -57,7 +57,8 @@ async def test_jobs_go_to_the_queue_they_name_and_are_followed_there(
         assert statuses[-1] == "done" and ws.close_code == 1000
         done = await call(session, "GET", f"{base}/status", 200,
                           params={"id": mail["id"], "queue": "emails"})
-        assert done["result"] == "MAIL"
+        assert (done["result"], done["queue"], mail["queue"], plain["queue"]) == (
+            "MAIL", "emails", "emails", "default")
         # the same id in another queue is no job; a queue never used has none
         await call(session, "GET", f"{base}/status", 404, params={"id": mail["id"]})
         async with session.get(f"{base}/ws", params={"id": mail["id"], "queue": "nothing"},

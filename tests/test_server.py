@@ -86,7 +86,7 @@ async def test_submit_stores_and_queues_the_job(client: Client, r: redis.Redis,
     assert re.fullmatch(r"[0-9a-f]{32}", job["id"])
     assert job | {"id": "", "created": "", "updated": ""} == {
         "id": "", "input": "hello world", "status": "queued", "result": "", "error": "",
-        "attempts": 0, "created": "", "updated": "", "version": 1}
+        "attempts": 0, "created": "", "updated": "", "version": 1, "queue": "default"}
     assert datetime.fromisoformat(job["created"]).utcoffset() is not None
     keys = Keys(prefix)
     assert r.lrange(keys.queue, 0, -1) == [job["id"]]
