@@ -1,14 +1,15 @@
 """Job queue worker: takes jobs from Redis, runs a handler on each, records the outcome.
 
     python worker.py [--redis-url URL] [--handler MODULE:FUNCTION] [--concurrency N]
-                     [--timeout S] [--max-attempts N] [--lease S]
+                     [--queues NAME,...] [--timeout S] [--max-attempts N] [--lease S]
 
 It runs up to --concurrency jobs at once, in as many slots: a plain handler on a thread per
 slot, an `async def` handler as a task per slot on one event loop. Each slot blocks on Redis for
 its next job (BLMOVE from the queue into a processing list of its own, empty between jobs) and
 finishes each job with one Lua script (status, result, removal from the list, expiry, publish),
-which also takes the slot's next job. One lease covers the whole worker: a worker whose lease
-expires is presumed dead, and any live worker puts its jobs back on the queue. Delivery is
+which also takes the slot's next job. With --queues, each slot takes from one of them in turn.
+One lease covers the whole worker (a copy in each queue): a worker whose lease expires is
+presumed dead, and any live worker puts its jobs back on the queue. Delivery is
 therefore at-least-once, so handlers should be idempotent. A try that raises or runs past
 --timeout is retried with exponential backoff, up to --max-attempts tries; then the job is
 failed and its id kept on the dead-letter list. A running job cancelled over HTTP is stopped as
