@@ -45,6 +45,7 @@ class Server:
 
     def __init__(self, root: Path, name: str, *args: str) -> None:
         self.name, self.port = name, free_port()
+        self.bus_port: int | None = None  # a cluster node's bus
         self.folder = root / name
         self.folder.mkdir()
         self.args = args
@@ -60,8 +61,21 @@ class Server:
             ["redis-server", *head, "--port", str(self.port), "--bind", HOST,
              "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log"),
              "--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0",
-             *self.args],
+             *(("--cluster-port", str(self.bus_port)) if self.bus_port else ()), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start_answering(self) -> None:
+        """Start it and wait until it answers; should it exit first (a free port taken by
+        someone else meanwhile), again on other ports."""
+        for _ in range(5):
+            self.start()
+            wait_until(lambda: self.answers() or not self.alive(), what=f"{self} to answer")
+            if self.alive():
+                return
+            self.kill()
+            self.port = free_port()
+            self.bus_port = self.bus_port and free_port()
+        raise RuntimeError(f"{self} would not start; see {self.folder / 'redis.log'}")
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A plain client of this process alone (close it after use)."""
@@ -131,13 +145,16 @@ class Cluster(Topology):
 
     def __init__(self, masters: int = 3) -> None:
         super().__init__("jobs-cluster-")
+        self.master_count = masters
         for n in range(2 * masters):
-            self.servers.append(Server(
+            node = Server(
                 self.root, f"node{n}", "--cluster-enabled", "yes",
-                "--cluster-port", str(free_port()), "--cluster-config-file", "nodes.conf",
+                "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 # a replica whose link to its master is a few seconds old may still take over
-                "--cluster-replica-validity-factor", "0"))
+                "--cluster-replica-validity-factor", "0")
+            node.bus_port = free_port()
+            self.servers.append(node)
 
     @property
     def nodes(self) -> list[Server]:
@@ -150,9 +167,7 @@ class Cluster(Topology):
 
     def start(self) -> None:
         for node in self.nodes:
-            node.start()
-        for node in self.nodes:
-            wait_until(node.answers, what=f"{node} to answer")
+            node.start_answering()
         created = subprocess.run(
             ["redis-cli", "--cluster", "create", *(node.address for node in self.nodes),
              "--cluster-replicas", "1", "--cluster-yes"],
@@ -172,6 +187,10 @@ class Cluster(Topology):
                 return False
             table = self.table(node)
             if not table or any(not self.healthy(table, other) for other in live):
+                return False
+            # and knows which live nodes are replicas (gossip may lag behind the create)
+            replicas = [other for other in live if "slave" in table[other.address]["flags"]]
+            if len(replicas) != len(live) - self.master_count:
                 return False
             replication = node.info("replication")
             if replication.get("role") == "slave" and \
