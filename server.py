@@ -573,12 +573,7 @@ async def submit(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    job_id, keys = job_id_of(request), queue_of(request)
-    job = await read_job(request.app[REDIS], keys.job(job_id))
-    if not job:
-        raise error(web.HTTPNotFound, "no job with that id")
-    return web.json_response({"queue": keys.name} | job | {  # stored before queues: no field
-        "attempts": int(job.get("attempts", 0)), "version": int(job.get("version", 0))})
+    return await job_reply(request, queue_of(request), job_id_of(request))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -597,7 +592,10 @@ def common(request: web.Request, keys: Keys) -> list[str | int]:
 
 async def job_reply(request: web.Request, keys: Keys, job_id: str,
                     status: int = 200) -> web.Response:
+    """The job as JSON (404 if there is none); `queue` for one stored before queues."""
     job = await read_job(request.app[REDIS], keys.job(job_id))
+    if not job:
+        raise error(web.HTTPNotFound, "no job with that id")
     return web.json_response({"queue": keys.name} | job | {
         "attempts": int(job.get("attempts", 0)), "version": int(job.get("version", 0))},
         status=status)
