@@ -130,6 +130,7 @@ local function emit(id)
     version = tonumber(f[6])}))
 end
 local function owner(slot) return string.match(slot or '', '^(.+)/%d+$') or slot or '' end
+-- Returns Redis's time in unix seconds.
 local function bump(id, status)
   local key = job_key(id)
   local f = redis.call('HMGET', key, 'status', 'worker', 'cancel_requested')
@@ -138,17 +139,17 @@ local function bump(id, status)
   if old == 'running' and f[3] then  -- a stop request is over once the try is
     redis.call('SREM', P .. ':stop:' .. owner(f[2]), id)
   end
-  local _, score = clock()
+  local seconds, score = clock()
   redis.call('ZADD', P .. ':index:' .. status, score, id)
   redis.call('HSET', key, 'status', status, 'updated', NOW)
   redis.call('HINCRBY', key, 'version', 1)
+  return seconds
 end
 local function count(name, n) redis.call('HINCRBY', P .. ':counters', name, n or 1) end
 -- End a job: it, and its place in its state's index, are kept RETENTION seconds; counted in
 -- the totals and (done, failed) in its minute's.
 local function ended(id, status)
-  bump(id, status)
-  local seconds, index = clock(), P .. ':index:' .. status
+  local seconds, index = bump(id, status), P .. ':index:' .. status
   redis.call('EXPIRE', job_key(id), RETENTION)
   redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. (seconds - RETENTION) .. '000000')
   redis.call('EXPIRE', index, RETENTION)
