@@ -15,13 +15,18 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import redis
 
 from server import new_jobs, submit_args
 from store import RETENTION, SUBMIT, Keys
+
+if TYPE_CHECKING:  # tests.topologies imports this module: imported where used
+    from playwright.sync_api import Browser
+
+    from tests.topologies import Cluster, Sentinels
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -219,3 +224,46 @@ def own_redis() -> Iterator[RedisServer]:
     yield server
     server.stop(signal.SIGKILL)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- a real browser, and Redis topologies, for the tests that need them ------------------------
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's chromium, driven by Playwright (CHROMIUM: another executable)."""
+    from playwright.sync_api import sync_playwright
+    executable = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if executable is None:
+        pytest.fail("the browser tests need chromium: apt-get install chromium (or set CHROMIUM)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A Redis Cluster of 3 masters and 3 replicas of the test's own (tests/topologies.py)."""
+    from tests.topologies import Cluster, timed
+    topology = Cluster()
+    try:
+        timed("cluster start", topology.start)
+        yield topology
+    finally:
+        topology.stop()
+    assert not any(node.alive() for node in topology.nodes)  # each reaped by its pid
+    assert not topology.root.exists()
+
+
+@pytest.fixture
+def sentinels() -> Iterator[Sentinels]:
+    """A master, a replica and 3 Sentinels of the test's own (tests/topologies.py)."""
+    from tests.topologies import Sentinels, timed
+    topology = Sentinels()
+    try:
+        timed("sentinel start", topology.start)
+        yield topology
+    finally:
+        topology.stop()
+    assert not any(server.alive() for server in topology.servers)
+    assert not topology.root.exists()

@@ -3,14 +3,12 @@ the server's own origin. Needs `chromium` on PATH (apt-get install chromium) or 
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from tests.conftest import Procs, enqueue, free_port, wait_until
 from tests.test_faults import all_done, statuses
@@ -42,17 +40,6 @@ EVENTSOURCE = """async (id) => new Promise((resolve) => {
   es.onerror = () => { seen.errors++; if (es.readyState === EventSource.CLOSED) end(); };
   setTimeout(end, 20000);
 })"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = os.environ.get("CHROMIUM") or shutil.which("chromium")
-    if executable is None:
-        pytest.fail("the browser tests need chromium: apt-get install chromium (or set CHROMIUM)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ $CHROMIUM, like test_browser.py."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,23 +13,12 @@ from typing import Any
 
 import pytest
 import redis
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
 from tests.conftest import Procs, enqueue, free_port, stop
 
 TOKEN = "dashboard-test-token"
 DIGITS = re.compile(r"^[\d,]+$")  # a count, as the page shows it
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = os.environ.get("CHROMIUM") or shutil.which("chromium")
-    if executable is None:
-        pytest.fail("the browser tests need chromium: apt-get install chromium (or set CHROMIUM)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable)
-        yield browser
-        browser.close()
 
 
 class Console:

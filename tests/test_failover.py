@@ -19,7 +19,6 @@ import math
 import random
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,7 @@ import pytest
 
 from store import Keys
 from tests.conftest import Procs, free_port, wait_until
-from tests.topologies import HOST, Sentinels, Server, timed
+from tests.topologies import HOST, Sentinels, Server
 
 SUBMITTERS = 4  # clients posting jobs back to back
 WATCH_EVERY = 10  # every 10th accepted job is followed over /ws
@@ -38,16 +37,6 @@ DURATIONS = ("0.02", "0.03", "0.04", "0.05")  # inputs of handlers:slow, seconds
 REFUSED_PAUSE = 0.05  # a submitter's pause after a refusal, as a client backs off
 DRAIN_TIMEOUT = 40.0  # seconds the accepted jobs may take to end after the load
 TERMINAL = {"done", "failed", "cancelled"}
-
-
-@pytest.fixture
-def sentinels() -> Iterator[Sentinels]:
-    topology = Sentinels()
-    try:
-        timed("sentinel start", topology.start)
-        yield topology
-    finally:
-        topology.stop()
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ three times (a topology that forms only most of the time is no fixture)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from redis.cluster import ClusterNode, RedisCluster
 
@@ -18,28 +16,6 @@ ROUNDS = range(3)
 TAGS = ("{jobs:a}", "{jobs:b}", "{jobs:c}", "{jobs:d}")
 
 
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    topology = Cluster()
-    try:
-        timed("cluster start", topology.start)
-        yield topology
-    finally:
-        topology.stop()
-    assert not any(node.alive() for node in topology.nodes)  # each reaped by its pid
-    assert not topology.root.exists()
-
-
-@pytest.fixture
-def sentinels() -> Iterator[Sentinels]:
-    topology = Sentinels()
-    try:
-        timed("sentinel start", topology.start)
-        yield topology
-    finally:
-        topology.stop()
-    assert not any(server.alive() for server in topology.servers)
-    assert not topology.root.exists()
 
 
 def cluster_client(cluster: Cluster) -> RedisCluster:
