@@ -4,6 +4,8 @@ and processes that are always stopped by their pid."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import shutil
 import signal
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from server import new_jobs, submit_args
 from store import RETENTION, SUBMIT, Keys
@@ -267,3 +270,26 @@ def sentinels() -> Iterator[Sentinels]:
         topology.stop()
     assert not any(server.alive() for server in topology.servers)
     assert not topology.root.exists()
+
+
+# -- fuzzing the server over a plain socket -----------------------------------------------------
+
+fuzz = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def plain(base: str, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+    """A request over a plain socket: (status, JSON body); an error body must be JSON."""
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+    try:
+        connection.request(method, path, body=body,
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        payload = response.read()
+        assert response.status < 500, (method, path, body, response.status, payload[:300])
+        parsed = json.loads(payload)
+        if response.status >= 400:
+            assert isinstance(parsed["error"], str), parsed
+        return response.status, parsed
+    finally:
+        connection.close()

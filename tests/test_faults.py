@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from store import Keys
@@ -34,6 +34,8 @@ from tests.conftest import (
     delete_prefix,
     enqueue,
     free_port,
+    fuzz,
+    plain,
     processing_keys,
     wait_until,
 )
@@ -249,40 +251,23 @@ def lone_server(tmp_path_factory: pytest.TempPathFactory,
     client.close()
 
 
-def http(base: str, method: str, path: str, body: bytes | None = None) -> int:
-    import http.client
-    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
-    try:
-        connection.request(method, path, body=body,
-                           headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        payload = response.read()
-        if response.status >= 400:
-            assert "error" in json.loads(payload)
-        return response.status
-    finally:
-        connection.close()
-
-
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda children: st.lists(children, max_size=4)
     | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
-fuzz = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @fuzz
 @given(body=st.binary(max_size=300))
 def test_fuzz_submit_bytes(lone_server: Any, body: bytes) -> None:
-    assert http(lone_server[2], "POST", "/submit", body) in (201, 400)
+    assert plain(lone_server[2], "POST", "/submit", body)[0] in (201, 400)
 
 
 @fuzz
 @given(value=json_values | st.dictionaries(st.just("input"), json_values, min_size=1))
 def test_fuzz_submit_json(lone_server: Any, value: Any) -> None:
     body = json.dumps(value).encode()
-    assert http(lone_server[2], "POST", "/submit", body) in (201, 400)
+    assert plain(lone_server[2], "POST", "/submit", body)[0] in (201, 400)
 
 
 @fuzz
@@ -290,7 +275,7 @@ def test_fuzz_submit_json(lone_server: Any, value: Any) -> None:
 def test_fuzz_ids(lone_server: Any, job_id: str) -> None:
     from urllib.parse import quote
     for path in ("/status", "/events", "/ws"):
-        status = http(lone_server[2], "GET", f"{path}?id={quote(job_id)}")
+        status, _ = plain(lone_server[2], "GET", f"{path}?id={quote(job_id)}")
         assert status in ((400,) if not job_id else (404, 400)), (path, job_id, status)
 
 

@@ -10,7 +10,6 @@ them to run on their own.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import signal
@@ -28,14 +27,14 @@ import aiohttp
 import pytest
 import redis
 from aiohttp.test_utils import TestClient
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import MAX_DELAY, MESSAGE_FIELDS, make_app
 from store import MAX_BULK, RUNTIME_BUCKETS, STATES, Keys
 from tests import handlers
-from tests.conftest import Procs, delete_prefix, eventually, free_port, stop
+from tests.conftest import Procs, delete_prefix, eventually, free_port, fuzz, plain, stop
 from worker import Worker
 
 Client = TestClient[Any, Any]
@@ -940,25 +939,6 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Ite
         client.close()
 
 
-def plain(base: str, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
-    """A request over a plain socket: (status, JSON body); an error body must be JSON."""
-    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
-    try:
-        connection.request(method, path, body=body,
-                           headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        payload = response.read()
-        assert response.status < 500, (method, path, body, response.status, payload[:300])
-        parsed = json.loads(payload)
-        if response.status >= 400:
-            assert isinstance(parsed["error"], str), parsed
-        return response.status, parsed
-    finally:
-        connection.close()
-
-
-fuzz = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
     lambda children: st.lists(children, max_size=3)
