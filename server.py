@@ -81,6 +81,7 @@ POOL_WAIT = 5.0  # seconds a request waits for a pooled connection before 503
 BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dropped
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 CURSOR = re.compile(r"([0-9]{1,17})-([0-9a-f]{32})")  # a next_cursor of GET /jobs
+TOTALS = ("submitted", "done", "failed", "retried", "cancelled")  # {prefix}:counters
 PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most
 FEED_EVERY = 0.25  # seconds between the batches of /feed
@@ -674,8 +675,7 @@ async def queue_stats(request: web.Request, keys: Keys) -> dict[str, Any]:
         "dead_letter": stats["dead_letter"],
         "oldest_queued_age": None if stats["oldest_queued_age"] is False
                              else stats["oldest_queued_age"],
-        "totals": {name: stats["totals"].get(name, 0)
-                   for name in ("submitted", "done", "failed", "retried", "cancelled")},
+        "totals": {name: stats["totals"].get(name, 0) for name in TOTALS},
         "done_per_minute": [{"minute": rfc3339(m), "done": done, "failed": failed}
                             for m, done, failed in stats["minutes"]],
         "workers": [{"name": w["name"], "host": w.get("host", ""), "pid": int(w.get("pid", 0)),
@@ -702,9 +702,7 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
         total[field] = sum(s[field] for s in each.values())
     ages = [s["oldest_queued_age"] for s in each.values() if s["oldest_queued_age"] is not None]
     total["oldest_queued_age"] = max(ages, default=None)
-    total["totals"] = dict(sum((Counter(s["totals"]) for s in each.values()), Counter()))
-    total["totals"] = {name: total["totals"].get(name, 0)
-                       for name in ("submitted", "done", "failed", "retried", "cancelled")}
+    total["totals"] = {name: sum(s["totals"][name] for s in each.values()) for name in TOTALS}
     minutes: dict[str, Counter[str]] = {}
     for s in each.values():
         for m in s["done_per_minute"]:
