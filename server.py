@@ -9,9 +9,10 @@ once it has ended; GET /healthz says whether Redis answers. For operators: GET /
 state's jobs, POST /jobs/ID/cancel and /jobs/ID/retry steer one, GET /stats and /metrics
 (Prometheus) count, and GET / is a live dashboard fed by GET /feed. With a token set, every
 request but /healthz and the dashboard's files must carry it. Every error is JSON: {"error":
-"..."}. The server holds one Redis pub/sub subscription and fans each message out to the
-watchers of that job, so any number of servers can share one Redis with any number of workers
-(see worker.py); the numbers live in Redis, so every server reports the same.
+"..."}. The server holds one pub/sub subscription per queue (sharded: on a Redis Cluster, on
+the node of the queue's slot) and fans each message out to the watchers of that job, so any
+number of servers can share one Redis with any number of workers (see worker.py); the numbers
+live in Redis, so every server reports the same.
 """
 
 from __future__ import annotations
@@ -36,13 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.client import PubSub
-from redis.backoff import ExponentialBackoff
+from redis.asyncio import cluster as redis_cluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from store import (
     CANCEL,
@@ -51,17 +50,20 @@ from store import (
     MAX_BULK,
     PREFIX,
     QUEUE_NAME,
+    REDIS_ERRORS,
     RETENTION,
     RETRY,
     RUNTIME_BUCKETS,
-    SENTINEL_SCHEME,
     STATES,
     STATS,
     SUBMIT,
     TERMINAL,
+    UNAVAILABLE,
     WAIT_MS,
     WRITABLE,
+    AsyncClient,
     Keys,
+    Nodes,
     connect_async,
     from_env,
     non_empty,
@@ -126,7 +128,7 @@ class Watcher:
         return self._pending[0] if self._pending else None
 
 
-async def read_job(redis: Redis, key: str) -> dict[str, str]:
+async def read_job(redis: AsyncClient, key: str) -> dict[str, str]:
     """A job hash as a dict ({} if there is no such job)."""
     return await redis.hgetall(key)  # type: ignore[return-value]  # decode_responses=True
 
@@ -159,17 +161,17 @@ class Topic:
 
 
 class Hub:
-    """One pub/sub connection for the whole server, subscribed to the events channel of each
-    queue it follows (the default, those its watchers watch, and for /feed all in the registry);
-    each message fanned out to the watchers of that job."""
+    """A pub/sub subscription per queue it follows (the default, those its watchers watch, and
+    for /feed all in the registry), on the node that holds the queue's slot; each message fanned
+    out to the watchers of that job."""
 
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: AsyncClient, nodes: Nodes, prefix: str) -> None:
         self.redis = redis
+        self.nodes = nodes
         self.prefix = prefix
         self.queues: dict[str, Keys] = {}  # by name
-        self.channels: dict[str, Keys] = {}  # followed, by events channel
+        self.listeners: dict[str, asyncio.Task[None]] = {}  # followed, by queue name
         self.topics: dict[tuple[str, str], Topic] = {}  # by queue and job id
-        self.pubsub: PubSub | None = None  # while subscribed
         self.feeds: set[Watcher] = set()  # /feed streams: every change, in batches
         self.batch: dict[str, str] = {}  # the newest message of each job changed since the last
         self.queues[DEFAULT_QUEUE] = default = Keys(prefix)
@@ -194,13 +196,9 @@ class Hub:
             self.queues[keys.name] = keys
 
     def follow(self, keys: Keys) -> None:
-        """Subscribe to a queue's events from now on (at once if subscribed now, else with the
-        others at the next subscription); the confirmation resyncs its watched jobs."""
-        if keys.events not in self.channels:
-            self.channels[keys.events] = keys
-            if self.pubsub is not None:
-                task = asyncio.create_task(self.pubsub.subscribe(keys.events))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        """Subscribe to a queue's events from now on, for as long as the server runs."""
+        if keys.name not in self.listeners:
+            self.listeners[keys.name] = asyncio.create_task(self.listen(keys))
 
     async def follow_all(self) -> None:
         """Follow every queue in the registry (for /feed)."""
@@ -232,7 +230,7 @@ class Hub:
     async def watch(self, keys: Keys, job_id: str) -> AsyncIterator[Watcher | None]:
         """Register a watcher, then give it the job's state (None: no such job). Registering
         first means no change can fall between the state read and the first message."""
-        if keys.events not in self.channels and not await self.registered(keys):
+        if keys.name not in self.listeners and not await self.registered(keys):
             yield None  # no job was ever submitted to that queue
             return
         watcher, name = Watcher(), (keys.name, job_id)
@@ -298,42 +296,50 @@ class Hub:
             if len(self.batch) > FEED_MAX:
                 del self.batch[next(iter(self.batch))]
 
-    async def listen(self) -> None:
-        """Follow the events channels forever, resubscribing (and resyncing) after any loss."""
+    async def listen(self, keys: Keys) -> None:
+        """Follow a queue's events forever: SSUBSCRIBE on the node that holds its slot, and
+        after any loss (of the connection, or of the slot, which Redis then unsubscribes)
+        subscribe again where the slot is now. Each confirmation resyncs the watched jobs."""
         delay = 0.1
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub = None
             try:
-                await pubsub.subscribe(*self.channels)
-                self.pubsub = pubsub
+                pubsub = (await self.nodes.of(keys.events)).pubsub()
+                await pubsub.ssubscribe(keys.events)
                 while True:
                     # A finite wait lets the health check notice a silently dead connection.
                     message = await pubsub.get_message(timeout=HEARTBEAT)
                     if message is None:
                         continue
-                    keys = self.channels.get(message["channel"])
-                    if keys is None:
-                        continue
-                    if message["type"] == "message":
+                    if message["type"] == "smessage":
                         self.dispatch(keys, message["data"])
-                    elif message["type"] == "subscribe":  # also after redis-py reconnects
+                    elif message["type"] == "ssubscribe":  # also after redis-py reconnects
                         log.info("subscribed to %s", keys.events)
                         await self.resync(keys)
                         delay = 0.1
-            except RedisError as exc:
+                    elif message["type"] == "sunsubscribe":
+                        raise RedisConnectionError("the slot moved to another node")
+            except REDIS_ERRORS as exc:
                 log.warning("pub/sub connection lost (%s); resubscribing in %.1fs",
                             redis_said(exc), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self.nodes.refresh()
             finally:
-                self.pubsub = None
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def stop(self) -> None:
+        for task in self.listeners.values():
+            await cancel_and_wait(task)
+        await self.nodes.aclose()
 
 
 class Scripts:
     """The store's scripts the server runs, registered with its client."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: AsyncClient) -> None:
         self.submit, self.writable, self.cancel, self.retry, self.list, self.stats = (
             redis.register_script(s) for s in (SUBMIT, WRITABLE, CANCEL, RETRY, LIST, STATS))
 
@@ -381,7 +387,7 @@ async def ping(ws: web.WebSocketResponse) -> None:
         await ws.ping()
 
 
-REDIS = web.AppKey("redis", Redis)
+REDIS = web.AppKey[AsyncClient]("redis")
 HUB = web.AppKey("hub", Hub)
 ORIGINS = web.AppKey("origins", frozenset)
 SCRIPTS = web.AppKey("scripts", Scripts)
@@ -429,7 +435,7 @@ async def json_errors(
         return web.json_response({"error": message}, status=exc.status, headers=headers)
     except ConnectionResetError:  # the client hung up (say, mid-handshake): none to answer
         return web.Response(status=499)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except UNAVAILABLE as exc:
         log.warning("%s %s: redis unavailable: %s", request.method, request.path, exc)
         raise error(web.HTTPServiceUnavailable,
                     "the job store (Redis) is unavailable; try again shortly") from None
@@ -558,10 +564,16 @@ async def submit(request: web.Request) -> web.Response:
     if not (wanted := request.app[MIN_REPLICAS]):
         await request.app[SCRIPTS].submit(keys=[keys.queue], args=args)
     else:  # WAIT counts the writes of its own connection: one pipeline for both
-        async with request.app[REDIS].pipeline(transaction=False) as pipe:
-            await request.app[SCRIPTS].submit(keys=[keys.queue], args=args, client=pipe)
-            pipe.execute_command("WAIT", wanted, WAIT_MS)
-            _, acked = await pipe.execute()
+        nodes = request.app[HUB].nodes
+        try:
+            async with (await nodes.of(keys.queue)).pipeline(transaction=False) as pipe:
+                await request.app[SCRIPTS].submit(keys=[keys.queue], args=args, client=pipe)
+                pipe.execute_command("WAIT", wanted, WAIT_MS)
+                _, acked = await pipe.execute()
+        except REDIS_ERRORS:  # on a cluster, the node may have died or lost the slot
+            with contextlib.suppress(*REDIS_ERRORS):
+                await nodes.refresh()
+            raise
         if acked < wanted:
             raise error(web.HTTPServiceUnavailable,
                         f"the job was not confirmed by {wanted} replica(s) of Redis within "
@@ -580,7 +592,8 @@ async def status(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: 200 while Redis answers; the body says whether it takes writes too."""
     try:
-        await request.app[SCRIPTS].writable(keys=[], args=[])
+        await request.app[SCRIPTS].writable(keys=[request.app[HUB].queue(DEFAULT_QUEUE).queue],
+                                            args=[])
     except ResponseError as exc:
         return web.json_response({"status": "ok", "redis": f"refuses writes: {redis_said(exc)}"})
     return web.json_response({"status": "ok", "redis": "ok"})
@@ -714,14 +727,24 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
         for w in s["workers"]:
             workers.setdefault(w["name"], w | {"running": []})["running"] += w["running"]
     total["workers"] = sorted(workers.values(), key=lambda w: w["name"])
-    memory = await request.app[REDIS].info("memory")
-    total["redis"] = {"used_memory": memory["used_memory"], "maxmemory": memory["maxmemory"]}
+    total["redis"] = await memory(request.app[REDIS])
     total["runtime"] = dict(sum((Counter(s["runtime"]) for s in each.values()), Counter()))
     if "queue" not in request.query:
         total["queues"] = {name: {field: s[field] for field in (
             "jobs", "queue_length", "delayed", "dead_letter", "oldest_queued_age", "totals")}
             for name, s in each.items()}
     return total
+
+
+async def memory(redis: AsyncClient) -> dict[str, int]:
+    """Redis's memory used, and its limit (0: none); a cluster's added up over its masters."""
+    if not isinstance(redis, redis_cluster.RedisCluster):
+        info = await redis.info("memory")
+        return {"used_memory": info["used_memory"], "maxmemory": info["maxmemory"]}
+    nodes = (await redis.info("memory", target_nodes=redis.PRIMARIES)).values()
+    limits = [node["maxmemory"] for node in nodes]
+    return {"used_memory": sum(node["used_memory"] for node in nodes),
+            "maxmemory": 0 if 0 in limits else sum(limits)}
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -1043,27 +1066,25 @@ def make_app(
     app[REQUESTS] = Counter()
 
     async def redis_client(app: web.Application) -> AsyncIterator[None]:
+        # No retries of redis-py's own: a submit sent again after a lost reply could queue its
+        # jobs twice. A request that meets an outage is answered 503; its client retries.
         options: dict[str, Any] = {
             "max_connections": POOL_SIZE, "decode_responses": True, "client_name": "jobs-server",
             "socket_connect_timeout": 1.0, "socket_timeout": 2.0,
-            "health_check_interval": int(HEARTBEAT),
-            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)}
-        if redis_url.startswith(SENTINEL_SCHEME):
-            app[REDIS] = connect_async(redis_url, timeout=POOL_WAIT, **options)
-        else:
-            app[REDIS] = Redis.from_pool(BlockingConnectionPool.from_url(
-                redis_url, timeout=POOL_WAIT, **options))
+            "health_check_interval": int(HEARTBEAT), "retry": Retry(NoBackoff(), 0)}
+        app[REDIS] = connect_async(redis_url, timeout=POOL_WAIT, **options)
         app[SCRIPTS] = Scripts(app[REDIS])
         yield
         await app[REDIS].aclose()
 
     async def listener(app: web.Application) -> AsyncIterator[None]:
-        app[HUB] = hub = Hub(app[REDIS], prefix)
-        tasks = [asyncio.create_task(hub.listen()), asyncio.create_task(app[PINGER].run()),
+        app[HUB] = hub = Hub(app[REDIS], Nodes(app[REDIS]), prefix)
+        tasks = [asyncio.create_task(app[PINGER].run()),
                  asyncio.create_task(hub.send_batches(FEED_EVERY))]
         yield
         for task in tasks:
             await cancel_and_wait(task)
+        await hub.stop()
 
     async def close_watchers(app: web.Application) -> None:
         app[HUB].close()

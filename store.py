@@ -18,7 +18,9 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.sentinel
+import redis.cluster
 import redis.sentinel
 from redis.connection import parse_url
 
@@ -114,7 +116,9 @@ READS = "#!lua flags=no-writes\n"
 # ARGV[3] = retention, and its own arguments after those; it names the keys from the prefix
 # (all in the prefix's slot; KEYS[1] routes the call). bump() is every change of state: it
 # stamps it, raises `version` (so watchers drop stale messages) and moves the id between the
-# state indexes (sorted by Redis's clock in microseconds); emit() publishes the new state.
+# state indexes (sorted by Redis's clock in microseconds); emit() publishes the new state on the
+# queue's channel, with sharded pub/sub (SPUBLISH): on a cluster it reaches the nodes of the
+# queue's slot only, and on one Redis it is the same as PUBLISH.
 LUA_PRELUDE = """
 local P, NOW, RETENTION = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local function job_key(id) return P .. ':job:' .. id end
@@ -125,7 +129,7 @@ end
 local function emit(id)
   local f = redis.call('HMGET', job_key(id), 'status', 'result', 'error', 'attempts', 'updated',
                       'version')
-  redis.call('PUBLISH', P .. ':events', cjson.encode({id = id, status = f[1],
+  redis.call('SPUBLISH', P .. ':events', cjson.encode({id = id, status = f[1],
     result = f[2] or '', error = f[3] or '', attempts = tonumber(f[4]) or 0, updated = f[5],
     version = tonumber(f[6])}))
 end
@@ -484,7 +488,7 @@ return cjson.encode(out)
 """
 
 
-def redis_said(exc: redis.RedisError) -> str:
+def redis_said(exc: Exception) -> str:
     """An error reply as Redis said it (redis-py takes the code off some: OOM, READONLY)."""
     code = getattr(exc, "status_code", None)
     return f"{code} {exc}" if code and not str(exc).startswith(code) else str(exc)
@@ -513,6 +517,18 @@ def number(kind: type[N], low: N, high: N | None = None, *,
     return convert
 
 
+def addresses(netloc: str) -> tuple[list[tuple[str, int]], str | None]:
+    """[:PASSWORD@]HOST:PORT[,HOST:PORT...]: the addresses, and the password if any."""
+    userinfo, _, hosts = netloc.rpartition("@")
+    found = []
+    for address in hosts.split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{address!r} is not HOST:PORT")
+        found.append((host.strip("[]"), int(port)))
+    return found, urllib.parse.unquote(userinfo.partition(":")[2]) if userinfo else None
+
+
 class Sentinel(NamedTuple):
     """A redis+sentinel:// URL: where the sentinels are, and what to ask them for."""
 
@@ -524,33 +540,53 @@ class Sentinel(NamedTuple):
     @classmethod
     def parse(cls, text: str) -> Sentinel:
         """redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"""
-        rest = text.removeprefix(SENTINEL_SCHEME)
-        netloc, _, path = rest.partition("/")
-        userinfo, _, hosts = netloc.rpartition("@")
-        addresses = []
-        for address in hosts.split(","):
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"{address!r} is not HOST:PORT")
-            addresses.append((host.strip("[]"), int(port)))
+        netloc, _, path = text.removeprefix(SENTINEL_SCHEME).partition("/")
+        found, password = addresses(netloc)
         service, _, db = path.partition("/")
         if not service or (db and not db.isdigit()):
             raise ValueError("give the service name, and a database number if any: "
                              "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]")
-        password = urllib.parse.unquote(userinfo.partition(":")[2]) if userinfo else None
-        return cls(addresses, service, int(db or 0), password)
+        return cls(found, service, int(db or 0), password)
+
+
+class Cluster(NamedTuple):
+    """A redis+cluster:// URL: nodes to ask for the rest (one is enough)."""
+
+    addresses: list[tuple[str, int]]
+    password: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> Cluster:
+        """redis+cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT...]"""
+        netloc, _, path = text.removeprefix(CLUSTER_SCHEME).partition("/")
+        if path:
+            raise ValueError("a cluster has no databases: redis+cluster://HOST:PORT[,HOST:PORT...]")
+        return cls(*addresses(netloc))
 
 
 SENTINEL_SCHEME = "redis+sentinel://"
+CLUSTER_SCHEME = "redis+cluster://"
 WAIT_MS = 1_000  # how long a write waits for --min-replicas replicas to acknowledge it
+# A client of one Redis, of the master a Sentinel names, or of a cluster (by key).
+Client = redis.Redis | redis.cluster.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+# What a client raises when Redis is out of reach or refuses. A cluster client raises more than
+# RedisError: RedisClusterException while it cannot learn the slots (no node answers), and
+# ClusterError once it has followed too many redirections (slots moving).
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
+UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
+               redis.exceptions.RedisClusterException)
 
 
 def redis_url(text: str) -> str:
-    """An argparse type: a URL redis-py accepts (redis://, rediss://, unix://), or
-    redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]."""
+    """An argparse type: a URL redis-py accepts (redis://, rediss://, unix://),
+    redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] or
+    redis+cluster://HOST:PORT[,HOST:PORT...]."""
     try:
         if text.startswith(SENTINEL_SCHEME):
             Sentinel.parse(text)
+        elif text.startswith(CLUSTER_SCHEME):
+            Cluster.parse(text)
         else:
             parse_url(text)  # type: ignore[no-untyped-call]
     except ValueError as exc:
@@ -558,9 +594,17 @@ def redis_url(text: str) -> str:
     return text
 
 
-def connect(url: str, **options: Any) -> redis.Redis:
+def connect(url: str, **options: Any) -> Client:
     """A client of the Redis at url; through Sentinel, of the master it names now and after a
-    failover (a command during one fails with a ConnectionError, as when Redis is down)."""
+    failover (a command during one fails with a ConnectionError, as when Redis is down); of a
+    cluster, sending each command to the master of its key's slot (and learning the new one
+    after a failover from the error that the old one is gone)."""
+    if url.startswith(CLUSTER_SCHEME):
+        cluster = Cluster.parse(url)
+        return redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(*a)  # type: ignore[no-untyped-call]
+                           for a in cluster.addresses],
+            password=cluster.password, **options)
     if not url.startswith(SENTINEL_SCHEME):
         return redis.Redis.from_url(url, **options)
     where = Sentinel.parse(url)
@@ -571,10 +615,18 @@ def connect(url: str, **options: Any) -> redis.Redis:
     return cast(redis.Redis, master)
 
 
-def connect_async(url: str, **options: Any) -> redis.asyncio.Redis:
-    """connect() for asyncio."""
+def connect_async(url: str, **options: Any) -> AsyncClient:
+    """connect() for asyncio; for one Redis and Sentinel, a request waits up to `timeout` s
+    for one of its `max_connections` (a cluster has as many per node, and fails at once)."""
+    if url.startswith(CLUSTER_SCHEME):
+        cluster = Cluster.parse(url)
+        options.pop("timeout", None)
+        return redis.asyncio.cluster.RedisCluster(
+            startup_nodes=[redis.asyncio.cluster.ClusterNode(*a) for a in cluster.addresses],
+            password=cluster.password, **options)
     if not url.startswith(SENTINEL_SCHEME):
-        return redis.asyncio.Redis.from_url(url, **options)
+        return redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
+            url, **options))
     where = Sentinel.parse(url)
     sentinels = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         where.addresses, sentinel_kwargs=SENTINEL_OPTIONS)
@@ -587,6 +639,49 @@ class BlockingSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool,
                            redis.asyncio.BlockingConnectionPool):
     """Sentinel's pool (the master it names now), waiting up to `timeout` s for a free
     connection, as a redis:// BlockingConnectionPool does, rather than failing at once."""
+
+
+def on_node(client: Client, key: str) -> redis.Redis:
+    """A client of the one node that holds key: the client itself, but on a cluster the node's
+    own, for a write and a WAIT that must share a connection."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        if node is None:
+            raise redis.exceptions.ClusterDownError(f"no node holds the slot of {key}")
+        return client.get_redis_connection(node)
+    return client
+
+
+class Nodes:
+    """on_node() for asyncio: a client of the one node that holds a key, for a write and a
+    WAIT that must share a connection, and for SSUBSCRIBE. After an error there (the node
+    died, or the slot moved), refresh() learns the cluster's slots again."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.clients: dict[str, redis.asyncio.Redis] = {}  # a cluster's nodes', by name
+
+    async def of(self, key: str) -> redis.asyncio.Redis:
+        if not isinstance(self.client, redis.asyncio.cluster.RedisCluster):
+            return self.client
+        await self.client.initialize()  # once: it learns the slots on first use
+        node = self.client.get_node_from_key(key)
+        if node is None:
+            raise redis.exceptions.ClusterDownError(f"no node holds the slot of {key}")
+        if (found := self.clients.get(node.name)) is None:
+            self.clients[node.name] = found = redis.asyncio.Redis(
+                connection_pool=redis.asyncio.ConnectionPool(
+                    connection_class=node.connection_class, max_connections=node.max_connections,
+                    **node.connection_kwargs))
+        return found
+
+    async def refresh(self) -> None:
+        if isinstance(self.client, redis.asyncio.cluster.RedisCluster):
+            await self.client.nodes_manager.initialize()
+
+    async def aclose(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
 
 
 SENTINEL_OPTIONS = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}

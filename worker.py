@@ -43,9 +43,11 @@ from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
+import redis.cluster
+import redis.retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
-from redis.retry import Retry
 
 from store import (
     ALLOW_OOM,
@@ -54,12 +56,16 @@ from store import (
     LEASE,
     PREFIX,
     RECLAIM,
+    REDIS_ERRORS,
     RETENTION,
     START,
+    UNAVAILABLE,
     WAIT_MS,
     WRITES,
+    AsyncClient,
     Job,
     Keys,
+    Nodes,
     bucket,
     connect,
     connect_async,
@@ -67,6 +73,7 @@ from store import (
     non_empty,
     now,
     number,
+    on_node,
     queue_names,
     redis_said,
     redis_url,
@@ -212,7 +219,8 @@ class Worker:
         self.slots = [Slot(f"{self.name}/{n}", self.queues[n % len(self.queues)])
                       for n in range(concurrency)]
         self.registered = False  # in the registry of queues
-        self.redis = connect(redis_url, **self.client_options())
+        self.redis = connect(redis_url, **self.client_options(),
+                             retry=redis.retry.Retry(NoBackoff(), 0))
         self._start = self.redis.register_script(START)
         self._finish_take = self.redis.register_script(WRITES + FINISH)
         self._finish = self.redis.register_script(ALLOW_OOM + FINISH)
@@ -225,13 +233,14 @@ class Worker:
         self._wake = threading.Event()  # wakes the keeper thread early
 
     def client_options(self) -> dict[str, Any]:
-        """A connection for each slot (each blocks one in BLMOVE) and for the keeper. No retries
-        of redis-py's own: a command sent again after a lost reply could run twice; the slots'
-        loops retry instead, and put back what a lost reply left behind."""
+        """A connection for each slot (each blocks one in BLMOVE) and for the keeper (per node,
+        on a cluster). No retries of redis-py's own (the callers pass a Retry of none, sync or
+        async): a command sent again after a lost reply could run twice; the slots' loops retry
+        instead, and put back what a lost reply left behind."""
         return {"decode_responses": True, "client_name": "jobs-worker",
                 "max_connections": len(self.slots) + 2, "socket_connect_timeout": 2.0,
                 "socket_timeout": BLOCK + 5.0,  # longer than the BLMOVE block
-                "health_check_interval": 30, "retry": Retry(NoBackoff(), 0)}
+                "health_check_interval": 30}
 
     # -- signals and the keeper ----------------------------------------------------------------
 
@@ -260,7 +269,7 @@ class Worker:
             if all(slot.stopped.is_set() for slot in self.slots):
                 return
             if time.monotonic() >= next_scan:  # dead workers' jobs, delayed ones due, cancels
-                with contextlib.suppress(redis.RedisError):  # the slots say what Redis does
+                with contextlib.suppress(*REDIS_ERRORS):  # the slots say what Redis does
                     for keys in self.queues:
                         self.cancel(self.reclaim(keys=keys, stops=True)[2])
                 next_scan = time.monotonic() + MAINTAIN_EVERY
@@ -268,7 +277,7 @@ class Worker:
                 try:
                     self.heartbeat()
                     renewed, next_renewal = True, time.monotonic() + self.lease / 3
-                except redis.RedisError as exc:
+                except REDIS_ERRORS as exc:
                     if renewed:  # once a run of failures: the slots say what Redis does
                         log.warning("cannot renew the lease (%s); retrying", redis_said(exc))
                     renewed, next_renewal = False, time.monotonic() + TICK
@@ -289,7 +298,7 @@ class Worker:
                 # Not leaving the worker set: should a finish in flight in a slot take one
                 # more job, any worker reclaims it once it sees the lease gone.
                 self.redis.delete(keys.lease(self.name))
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not give jobs back (%s); others will once the lease expires",
                         exc)
         logging.shutdown()
@@ -322,7 +331,7 @@ class Worker:
                 why, ran = slot.why, time.monotonic() - slot.began
             try:
                 self.finish(slot, job, *self.outcome(job, False, why), ran=ran, take_next=False)
-            except redis.RedisError:
+            except REDIS_ERRORS:
                 with slot.lock:
                     if slot.job is job:
                         slot.deadline = 0.0  # next tick
@@ -408,11 +417,17 @@ class Worker:
         many replicas to have it, and say so if they did not."""
         if not self.min_replicas:
             return script(keys=keys, args=args)
-        with self.redis.pipeline(transaction=False) as pipe:
-            script(keys=keys, args=args, client=pipe)
-            wait: Any = pipe.execute_command  # untyped in redis-py's sync pipeline
-            wait("WAIT", self.min_replicas, WAIT_MS)
-            reply, acked = pipe.execute()
+        try:
+            with on_node(self.redis, keys[0]).pipeline(transaction=False) as pipe:
+                script(keys=keys, args=args, client=pipe)
+                wait: Any = pipe.execute_command  # untyped in redis-py's sync pipeline
+                wait("WAIT", self.min_replicas, WAIT_MS)
+                reply, acked = pipe.execute()
+        except REDIS_ERRORS:  # on a cluster, the node may have died or lost the slot
+            if isinstance(self.redis, redis.cluster.RedisCluster):
+                with contextlib.suppress(*REDIS_ERRORS):
+                    self.redis.nodes_manager.initialize()
+            raise
         self.confirmed(job, acked)
         return reply
 
@@ -442,12 +457,12 @@ class Worker:
                         "dropping its result", job.id)
         return Job.started(taken)
 
-    def retry_delay(self, exc: redis.RedisError, delay: float) -> float:
+    def retry_delay(self, exc: Exception, delay: float) -> float:
         """The next wait of a slot retrying a Redis step: 0.1 s, doubling up to
         REDIS_RETRY_CAP. The first failure of a run of them, in any slot, is said in one line."""
         if not self.troubled:
             self.troubled = True
-            if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            if isinstance(exc, UNAVAILABLE):
                 problem = f"redis unavailable ({exc})"
             elif isinstance(exc, redis.exceptions.OutOfMemoryError):
                 problem = f"redis is full, taking no new job ({redis_said(exc)})"
@@ -505,7 +520,7 @@ class Worker:
                 result = step()
                 self.redis_works()
                 return result
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 # A lost reply may have taken a job: take none until the slot's strays are back.
                 slot.next_maintain = 0.0
                 delay = self.retry_delay(exc, delay)
@@ -544,7 +559,7 @@ class Worker:
                     job = self.process(slot, job)
                 self.redis_works()
                 delay = 0.0
-            except redis.RedisError as exc:  # unreachable, or refusing: full, READONLY, ...
+            except REDIS_ERRORS as exc:  # unreachable, or refusing: full, READONLY, ...
                 slot.next_maintain = 0.0  # a job taken but not started is put back first
                 delay = self.retry_delay(exc, delay)
                 time.sleep(delay)
@@ -554,15 +569,16 @@ class Worker:
 
     # -- async handlers: the same loop, as tasks on one event loop -----------------------------
 
-    async def work_async(self, slot: Slot, client: redis.asyncio.Redis) -> None:
+    async def work_async(self, slot: Slot, client: AsyncClient, nodes: Nodes) -> None:
         """Task: work() for an async handler, with the asyncio client."""
         slot.loop = asyncio.get_running_loop()
         try:
-            await self.work_async_until_stopped(slot, client)
+            await self.work_async_until_stopped(slot, client, nodes)
         finally:
             slot.stopped.set()
 
-    async def work_async_until_stopped(self, slot: Slot, client: redis.asyncio.Redis) -> None:
+    async def work_async_until_stopped(self, slot: Slot, client: AsyncClient,
+                                       nodes: Nodes) -> None:
         start = client.register_script(START)
         finish_take = client.register_script(WRITES + FINISH)
         finish = client.register_script(ALLOW_OOM + FINISH)
@@ -591,10 +607,15 @@ class Worker:
                              args: list[str | int | float]) -> Any:
             if not self.min_replicas:
                 return await script(keys=keys, args=args)
-            async with client.pipeline(transaction=False) as pipe:
-                await script(keys=keys, args=args, client=pipe)
-                pipe.execute_command("WAIT", self.min_replicas, WAIT_MS)
-                reply, acked = await pipe.execute()
+            try:
+                async with (await nodes.of(keys[0])).pipeline(transaction=False) as pipe:
+                    await script(keys=keys, args=args, client=pipe)
+                    pipe.execute_command("WAIT", self.min_replicas, WAIT_MS)
+                    reply, acked = await pipe.execute()
+            except REDIS_ERRORS:  # on a cluster, the node may have died or lost the slot
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await nodes.refresh()
+                raise
             self.confirmed(job, acked)
             return reply
 
@@ -606,7 +627,7 @@ class Worker:
                     taken = await record(job, outcome, ran)
                     self.redis_works()
                     return taken
-                except redis.RedisError as exc:
+                except REDIS_ERRORS as exc:
                     slot.next_maintain = 0.0
                     delay = self.retry_delay(exc, delay)
                     await asyncio.sleep(delay)
@@ -625,7 +646,7 @@ class Worker:
                     job = await until_recorded(job, outcome, time.monotonic() - slot.began)
                 self.redis_works()
                 delay = 0.0
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 slot.next_maintain = 0.0
                 delay = self.retry_delay(exc, delay)
                 await asyncio.sleep(delay)
@@ -650,10 +671,13 @@ class Worker:
             slot.end()
 
     async def run_slots_async(self) -> None:
-        client = connect_async(self.redis_url, **self.client_options())
+        client = connect_async(self.redis_url, **self.client_options(),
+                               retry=redis.asyncio.retry.Retry(NoBackoff(), 0))
+        nodes = Nodes(client)
         try:
-            await asyncio.gather(*(self.work_async(slot, client) for slot in self.slots))
+            await asyncio.gather(*(self.work_async(slot, client, nodes) for slot in self.slots))
         finally:
+            await nodes.aclose()
             await client.aclose()
 
     # -- the process ---------------------------------------------------------------------------
@@ -694,7 +718,7 @@ class Worker:
                     pipe.delete(keys.lease(self.name), keys.stop(self.name))
                     pipe.srem(keys.workers, *names)
                     pipe.execute()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not deregister (%s); the lease will expire in %.0fs",
                         exc, self.lease)
         self.redis.close()

@@ -98,8 +98,8 @@ async def watch(session: aiohttp.ClientSession, base: str, job_id: str) -> list[
 def test_workers_killed_under_load(stack: Stack, concurrency: int) -> None:
     procs, _, r, prefix = stack
     pubsub = r.pubsub()
-    pubsub.subscribe(Keys(prefix).events)
-    assert wait_until(lambda: pubsub.get_message(timeout=1))["type"] == "subscribe"
+    pubsub.ssubscribe(Keys(prefix).events)
+    assert wait_until(lambda: pubsub.get_message(timeout=1))["type"] == "ssubscribe"
     ids = {enqueue(r, prefix, f"job {i}"): f"JOB {i}" for i in range(1200 * concurrency)}
     spawn = lambda: procs.worker("--handler", "handlers:pause", "--lease", "2.5",  # noqa: E731
                                  "--concurrency", str(concurrency))

@@ -109,7 +109,7 @@ async def wait_subscribed(r: redis.Redis, prefix: str) -> None:
     channel = Keys(prefix).events
 
     async def subscribed() -> bool:
-        return any(n >= 1 for _, n in r.pubsub_numsub(channel))
+        return any(n >= 1 for _, n in r.pubsub_shardnumsub(channel))
     await eventually(subscribed, 10, "the server's subscription")
 
 

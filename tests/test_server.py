@@ -68,7 +68,7 @@ async def assert_error(response: aiohttp.ClientResponse, status: int, words: str
 
 def kill_subscriptions(r: redis.Redis) -> int:
     """CLIENT KILL the pub/sub connections of servers; returns how many there were."""
-    subscribers = [c for c in r.client_list() if c["name"] == "jobs-server" and c["sub"] != "0"]
+    subscribers = [c for c in r.client_list() if c["name"] == "jobs-server" and c["ssub"] != "0"]
     for c in subscribers:
         r.client_kill_filter(_id=c["id"])
     return len(subscribers)
@@ -350,7 +350,7 @@ async def test_one_subscription_however_many_watchers(client: Client, r: redis.R
     for ws in sockets:
         await ws.receive_json(timeout=5)
     channel = Keys(prefix).events
-    assert r.pubsub_numsub(channel) == [(channel, 1)]
+    assert r.pubsub_shardnumsub(channel) == [(channel, 1)]
     for ws in sockets:
         await ws.close()
 

@@ -241,8 +241,8 @@ def test_a_job_stranded_with_a_live_worker_is_run(procs: Procs, r: redis.Redis,
 def done_events(r: redis.Redis, prefix: str) -> Any:
     """A subscription to the job events, confirmed before anything is published."""
     pubsub = r.pubsub()
-    pubsub.subscribe(Keys(prefix).events)
-    assert wait_until(lambda: pubsub.get_message(timeout=1))["type"] == "subscribe"
+    pubsub.ssubscribe(Keys(prefix).events)
+    assert wait_until(lambda: pubsub.get_message(timeout=1))["type"] == "ssubscribe"
     return pubsub
 
 
