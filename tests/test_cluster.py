@@ -1,0 +1,74 @@
+"""On a Redis Cluster, a queue's slot can move to another master while its jobs run and are
+watched (resharding): the worker records the outcome on the new master, the server's sharded
+subscription, which Redis ends when the slot leaves, is made again on the new master, and the
+watcher gets the end. The cluster is of the test's own (tests/topologies.py)."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from store import Keys
+from tests.conftest import Procs, free_port, wait_until
+from tests.topologies import Cluster, Server
+
+
+@pytest.fixture
+def stack(cluster: Cluster, procs: Procs) -> Procs:
+    """procs whose programs get REDIS_URL=the cluster's URL (stopped before the cluster)."""
+    procs.redis_url = cluster.url
+    return procs
+
+
+def move_slot(cluster: Cluster, slot: int, source: Server, target: Server) -> None:
+    """Reshard one slot by hand, keys and all, as `redis-cli --cluster reshard` does."""
+    ids = {node: cluster.table(node)[node.address]["node_id"] for node in (source, target)}
+    assert target.call("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source]) == "OK"
+    assert source.call("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target]) == "OK"
+    while keys := source.call("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        source.call("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+    for node in (target, source, *(n for n in cluster.masters() if n not in (source, target))):
+        node.call("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    wait_until(lambda: all(any(first <= slot <= last for first, last in
+                               cluster.table(node)[target.address]["slots"])
+                           for node in cluster.nodes if node.alive()),
+               what=f"every node to know slot {slot} as {target}'s")
+
+async def test_a_queue_whose_slot_moves_mid_job_still_ends_and_is_followed_to_the_end(
+        stack: Procs, cluster: Cluster, prefix: str) -> None:
+    keys = Keys(prefix)
+    gate = stack.tmp / "gate"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = stack.server(port)
+    worker = stack.worker("--handler", "handlers:gate", "--concurrency", "2")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/submit", json={"input": str(gate)}) as response:
+            assert response.status == 201, await response.text()
+            job_id = (await response.json())["id"]
+        source = cluster.master_of(keys.queue)
+        wait_until(lambda: source.call("HGET", keys.job(job_id), "status") == "running",
+                   what="the job to run")
+        async with session.ws_connect(f"{base}/ws?id={job_id}") as ws:
+            assert json.loads((await ws.receive(timeout=10)).data)["status"] == "running"
+            target = next(node for node in cluster.masters() if node is not source)
+            move_slot(cluster, cluster.slot(keys.queue), source, target)
+            assert cluster.master_of(keys.queue) is target
+            gate.touch()
+            last = None
+            async for message in ws:
+                last = json.loads(message.data)
+        assert last is not None and (last["status"], last["result"]) == ("done", "through")
+        assert target.call("HGET", keys.job(job_id), "status") == "done"
+        # and the queue goes on, on its new master
+        async with session.post(f"{base}/submit", json={"input": str(gate)}) as response:
+            assert response.status == 201, await response.text()
+            second = (await response.json())["id"]
+        wait_until(lambda: target.call("HGET", keys.job(second), "status") == "done",
+                   what="a job submitted after the move to be done")
+    assert stack.log(server).count(f"subscribed to {keys.events}") >= 2, stack.log(server)
+    for proc in (server, worker):
+        assert proc.poll() is None
+        assert "Traceback" not in stack.log(proc), stack.log(proc)
