@@ -1129,8 +1129,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="port to listen on (env PORT; default %(default)s)")
     parser.add_argument("--redis-url", type=redis_url,
                         default=from_env(parser, "REDIS_URL", redis_url, "redis://localhost:6379/0"),
-                        help="Redis to use: redis://, rediss://, unix:// or "
-                             "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] "
+                        help="Redis to use: redis://, rediss://, unix://, "
+                             "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] or "
+                             "redis+cluster://HOST:PORT[,HOST:PORT...] "
                              "(env REDIS_URL; default %(default)s)")
     parser.add_argument("--allowed-origins", default=env("ALLOWED_ORIGINS", ""),
                         help="comma-separated browser origins allowed on /ws and /events, or * "

@@ -27,6 +27,8 @@ BAD = [
     ("server.py", "JOBS_PREFIX", ""),
     ("server.py", "--redis-url", "redis+sentinel://h/svc", "redis+sentinel://h:1/",
      "redis+sentinel://h:1/svc/x"),
+    ("worker.py", "--redis-url", "redis+cluster://h", "redis+cluster://h:1/0",
+     "redis+cluster://h:1,h2"),
     ("server.py", "--min-replicas", "one", "-1"),
     ("server.py", "JOBS_MIN_REPLICAS", "1.5", "-1"),
     ("worker.py", "--min-replicas", "one", "-1"),
@@ -94,7 +96,9 @@ def test_the_environment_is_checked_even_when_a_flag_overrides_it() -> None:
 @pytest.mark.parametrize("args", [
     ["server.py"], ["worker.py"], ["worker.py", "--handler", "handlers:fail", "--lease", "2.5"],
     ["server.py", "--redis-url", "redis+sentinel://a:26379,[::1]:26380/jobs/2"],
-    ["worker.py", "--min-replicas", "1", "--redis-url", "redis+sentinel://:pw@a:1/jobs"]])
+    ["worker.py", "--min-replicas", "1", "--redis-url", "redis+sentinel://:pw@a:1/jobs"],
+    ["server.py", "--redis-url", "redis+cluster://a:7000,[::1]:7001"],
+    ["worker.py", "--redis-url", "redis+cluster://:pw@a:7000"]])
 def test_check_with_good_settings_exits_0_without_redis(args: list[str]) -> None:
     result = run(*args, "--check")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
