@@ -1078,7 +1078,7 @@ def make_app(
         await app[REDIS].aclose()
 
     async def listener(app: web.Application) -> AsyncIterator[None]:
-        app[HUB] = hub = Hub(app[REDIS], Nodes(app[REDIS]), prefix)
+        app[HUB] = hub = Hub(app[REDIS], Nodes(app[REDIS], POOL_WAIT), prefix)
         tasks = [asyncio.create_task(app[PINGER].run()),
                  asyncio.create_task(hub.send_batches(FEED_EVERY))]
         yield

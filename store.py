@@ -657,8 +657,9 @@ class Nodes:
     WAIT that must share a connection, and for SSUBSCRIBE. After an error there (the node
     died, or the slot moved), refresh() learns the cluster's slots again."""
 
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: AsyncClient, wait: float = 5.0) -> None:
         self.client = client
+        self.wait = wait  # seconds a command waits for a free connection to its node
         self.clients: dict[str, redis.asyncio.Redis] = {}  # a cluster's nodes', by name
 
     async def of(self, key: str) -> redis.asyncio.Redis:
@@ -670,9 +671,9 @@ class Nodes:
             raise redis.exceptions.ClusterDownError(f"no node holds the slot of {key}")
         if (found := self.clients.get(node.name)) is None:
             self.clients[node.name] = found = redis.asyncio.Redis(
-                connection_pool=redis.asyncio.ConnectionPool(
+                connection_pool=redis.asyncio.BlockingConnectionPool(
                     connection_class=node.connection_class, max_connections=node.max_connections,
-                    **node.connection_kwargs))
+                    timeout=self.wait, **node.connection_kwargs))
         return found
 
     async def refresh(self) -> None:
