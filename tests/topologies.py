@@ -140,13 +140,17 @@ class Topology:
 
 class Cluster(Topology):
     """A Redis Cluster of 3 masters, each with 1 replica (6 processes), formed by
-    `redis-cli --cluster create`. Each node's cluster bus listens on a free port of its own
-    (`cluster-port`), so no port + 10000 has to be free."""
+    `redis-cli --cluster create`; replicas=0 for masters alone, and masters=1 (with no
+    replica) for one node holding every slot, formed by hand (for the benchmark). Each node's
+    cluster bus listens on a free port of its own (`cluster-port`), so no port + 10000 has to
+    be free."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 1) -> None:
+        if masters < 3 and (masters, replicas) != (1, 0):
+            raise ValueError("redis-cli --cluster create needs 3 masters; or 1, with no replica")
         super().__init__("jobs-cluster-")
-        self.master_count = masters
-        for n in range(2 * masters):
+        self.master_count, self.replica_count = masters, replicas
+        for n in range(masters * (1 + replicas)):
             node = Server(
                 self.root, f"node{n}", "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
@@ -168,14 +172,21 @@ class Cluster(Topology):
     def start(self) -> None:
         for node in self.nodes:
             node.start_answering()
+        if self.master_count == 1:  # alone, it knows its address once told (no MEET)
+            self.nodes[0].call("CONFIG", "SET", "cluster-announce-ip", HOST)
+            self.nodes[0].call("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        else:
+            self.create()
+        wait_until(self.ready, timeout=START_TIMEOUT, what="the cluster to form")
+
+    def create(self) -> None:
         created = subprocess.run(
             ["redis-cli", "--cluster", "create", *(node.address for node in self.nodes),
-             "--cluster-replicas", "1", "--cluster-yes"],
+             "--cluster-replicas", str(self.replica_count), "--cluster-yes"],
             capture_output=True, text=True, timeout=START_TIMEOUT)
         if created.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}"
                                f"{created.stderr}")
-        wait_until(self.ready, timeout=START_TIMEOUT, what="the cluster to form")
 
     def ready(self) -> bool:
         """Every live node says cluster_state:ok with all slots covered, knows every live
