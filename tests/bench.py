@@ -69,6 +69,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -471,6 +472,10 @@ def measure_spread(url: str, redis_pids: dict[str, list[int]], n: int,
            **{name: seconds / n * 1000 for name, seconds in used.items()}}
     logged = [line for line in log.read_text(errors="replace").splitlines()
               if not ROUTINE.search(line)]
+    if logged:
+        logged.append(f"(all in {log})")
+    else:
+        shutil.rmtree(log.parent)
     return out, logged
 
 
@@ -661,8 +666,8 @@ def print_cluster(rows: list[tuple[str, dict[str, float], str, list[str]]], n: i
         if placed:
             print(f"{label.strip()}: {placed}")
         if logged:
-            print(f"{label.strip()}: {len(logged)} lines logged not routine, the first: "
-                  f"{logged[0]}")
+            print(f"{label.strip()}: {len(logged) - 1} lines logged not routine, the first: "
+                  f"{logged[0]} {logged[-1]}")
     print("model, from each row's CPU per job: jobs/s one saturated master core takes; cores "
           "100,000 jobs/s needs, of Redis masters and of our server + workers + submitter")
     for label, m, _, _ in rows:
