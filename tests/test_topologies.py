@@ -1,6 +1,7 @@
 """The topologies of tests/topologies.py do what they promise: a cluster forms with every slot
-covered, the queues' hash tags spread over its masters, a killed master's replica takes over;
-the Sentinels fail over to the replica; stop() leaves no process and no folder. Each test runs
+covered, the queues' hash tags spread over its masters, a killed master's replica takes over
+and the killed master comes back as its replica; the Sentinels fail over to the replica, and
+the old master comes back as its replica; stop() leaves no process and no folder. Each test runs
 three times (a topology that forms only most of the time is no fixture)."""
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def test_killing_a_master_promotes_its_replica(round: int, cluster: Cluster) -> 
     assert cluster.master_of(key) is new
     assert new.call("LRANGE", key, 0, -1) == ["job"]
     assert len(cluster.masters()) == 3
+    assert new.call("RPUSH", key, "after") == 2
+    timed("cluster rejoin", lambda: cluster.rejoin(old))  # back, as the new master's replica
+    assert cluster.replicas_of(new) == [old] and cluster.master_of(key) is new
+    assert old.info("replication")["master_port"] == new.port
+    assert new.call("WAIT", 1, 5000) == 1  # it has the write made while it was away
 
 
 @pytest.mark.parametrize("round", ROUNDS)
@@ -71,3 +77,7 @@ def test_the_sentinels_fail_over_to_the_replica(round: int, sentinels: Sentinels
     assert new == ("127.0.0.1", replica.port) == sentinels.master()
     assert replica.call("GET", "{jobs}:x") == "1"
     assert replica.call("SET", "{jobs}:x", "2") is True  # takes writes
+    timed("sentinel rejoin", lambda: sentinels.rejoin(master))  # back, as the replica
+    assert sentinels.master() == ("127.0.0.1", replica.port)
+    assert master.info("replication")["role"] == "slave"
+    assert replica.call("WAIT", 1, 5000) == 1 and master.call("GET", "{jobs}:x") == "2"

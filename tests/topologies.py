@@ -7,11 +7,12 @@ pid, waited for by polling with a deadline, and can lose its master on purpose.
         node = cluster.master_of("{jobs:emails}:queue")
         cluster.kill(node)
         cluster.wait_failover(node)
+        cluster.rejoin(node)            # back, as the new master's replica
 
     with Sentinels() as sentinels:
-        old = sentinels.master()
-        sentinels.kill_master()
+        old = sentinels.kill_master()
         sentinels.wait_failover()
+        sentinels.rejoin(old)
 
 Not a test module: the tests (and fixtures) build these.
 """
@@ -277,6 +278,19 @@ class Cluster(Topology):
         assert new is not None  # wait_until returns only what is truthy
         return new
 
+    def rejoin(self, old: Server) -> None:
+        """Start a killed master again, on its ports and in its folder: its nodes.conf names
+        the cluster, which tells it that its slots are served by the replica promoted meanwhile,
+        and it becomes that one's replica. Wait until it has synced and every node knows it as
+        a replica."""
+        old.start()
+        wait_until(lambda: old.answers() or not old.alive(), what=f"{old} to answer")
+        if not old.alive():  # its port was taken meanwhile: it cannot be the same node
+            raise RuntimeError(f"{old} would not start again; see {old.folder / 'redis.log'}")
+        wait_until(lambda: old.info("replication").get("master_link_status") == "up",
+                   timeout=FAILOVER_TIMEOUT, what=f"{old} to sync from the new master")
+        wait_until(self.ready, timeout=FAILOVER_TIMEOUT, what=f"the cluster to know {old} again")
+
 
 class Sentinels(Topology):
     """A master, its replica, and 3 Sentinels watching them as SERVICE (quorum 2)."""
@@ -364,6 +378,15 @@ class Sentinels(Topology):
         new = wait_until(promoted, timeout=FAILOVER_TIMEOUT, what="the Sentinels to fail over")
         assert new is not None  # wait_until returns only what is truthy
         return new
+
+    def rejoin(self, old: Server) -> None:
+        """Start the killed master again, as a replica of the new one; wait until it has synced
+        and the Sentinels count it."""
+        old.args = ("--replicaof", HOST, str(self.master()[1]))
+        old.start()
+        wait_until(lambda: old.info("replication").get("master_link_status") == "up",
+                   timeout=20, what=f"{old} to sync from the new master")
+        wait_until(self.ready, timeout=20, what="the Sentinels to see the replica")
 
 
 def timed(what: str, action: Any) -> Any:
