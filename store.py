@@ -12,7 +12,7 @@ import math
 import os
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -621,9 +621,13 @@ def connect_async(url: str, **options: Any) -> AsyncClient:
     if url.startswith(CLUSTER_SCHEME):
         cluster = Cluster.parse(url)
         options.pop("timeout", None)
-        return redis.asyncio.cluster.RedisCluster(
+        client = redis.asyncio.cluster.RedisCluster(
             startup_nodes=[redis.asyncio.cluster.ClusterNode(*a) for a in cluster.addresses],
             password=cluster.password, **options)
+        # No parameter takes it: the nodes learnt from now on (all but the seeds) are made with
+        # these settings.
+        client.connection_kwargs["connection_class"] = ClusterConnection
+        return client
     if not url.startswith(SENTINEL_SCHEME):
         return redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
             url, **options))
@@ -633,6 +637,19 @@ def connect_async(url: str, **options: Any) -> AsyncClient:
     master = sentinels.master_for(where.service, db=where.db, password=where.password,
                                   connection_pool_class=BlockingSentinelPool, **options)
     return cast(redis.asyncio.Redis, master)
+
+
+class ClusterConnection(redis.asyncio.Connection):
+    """A connection of the asyncio cluster client. When a command on a node meets a connection
+    error (the node died), redis-py (8.1) disconnects that node's idle connections; another
+    task may take one of them from the pool meanwhile, and its write then finds the socket gone
+    and raises AttributeError, which no caller takes for Redis being unavailable (the server
+    answered 500 and logged a traceback). Said as the ConnectionError it is."""
+
+    async def _send_packed_command(self, command: Iterable[bytes]) -> None:
+        if self._writer is None:
+            raise redis.ConnectionError("the connection was closed while in use (node lost)")
+        await super()._send_packed_command(command)
 
 
 class BlockingSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool,

@@ -24,8 +24,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
+from redis.asyncio.connection import parse_url
 
-from store import Keys
+from store import ClusterConnection, Keys
 from tests.conftest import Procs, free_port, wait_until
 from tests.topologies import HOST, Sentinels, Server
 
@@ -352,3 +354,21 @@ async def test_requests_wait_for_a_free_connection_over_sentinel_too(
     assert {status for status, _ in answers} == {503}
     assert all("not confirmed by 1 replica" in error for _, error in answers), \
         collections.Counter(error for _, error in answers)
+
+
+async def test_a_cluster_connection_closed_under_a_command_is_a_connection_error(
+        redis_url: str) -> None:
+    """On a cluster, once a command on a node fails (the node died), redis-py (8.1) closes the
+    node's idle connections; a task that had just taken one found it connected, and its write
+    then raised AttributeError: the server answered 500 (a submit, a /ws) during the failover.
+    The connections of store's cluster client say it as the ConnectionError it is (a 503)."""
+    connection = ClusterConnection(**parse_url(redis_url))  # one Redis is enough for one
+    await connection.connect()
+
+    async def closed_meanwhile() -> None:  # the other task's close ends while this one waits
+        await connection.disconnect()
+
+    connection.check_health = closed_meanwhile  # type: ignore[method-assign]
+    with pytest.raises(redis.ConnectionError):
+        await connection.send_command("PING")
+    assert not connection.is_connected
