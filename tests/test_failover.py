@@ -52,6 +52,10 @@ LOAD_BEFORE = 1.5  # seconds of load before the master is killed
 LOAD_AFTER = 2.0  # seconds of load after the failover (and the replica's return)
 DURATIONS = ("0.02", "0.03", "0.04", "0.05")  # inputs of handlers:slow, seconds each job takes
 REFUSED_PAUSE = 0.05  # a submitter's pause after a refusal, as a client backs off
+# A submitter's shortest interval between submits: at most 400 a second to a queue, about what
+# its 20 worker slots finish, so the jobs left to drain after the load stay few however fast
+# the machine is.
+SUBMIT_EVERY = 0.01
 DRAIN_TIMEOUT = 40.0  # seconds the accepted jobs may take to end after the load
 TERMINAL = {"done", "failed", "cancelled"}
 NOT_CONFIRMED = "not confirmed by 1 replica"  # a --min-replicas 1 submit's 503
@@ -126,6 +130,7 @@ async def submit_until(stop: asyncio.Event, session: aiohttp.ClientSession, base
             load.accepted[job_id], load.sent[job_id] = time.monotonic(), sent
             if len(load.accepted) % WATCH_EVERY == 0:
                 load.watchers[job_id] = asyncio.create_task(follow(session, base, job_id, load))
+            await asyncio.sleep(sent + SUBMIT_EVERY - time.monotonic())  # pace, not a wait
         else:
             load.refused.append(Answer(sent, time.monotonic(), status, body))
             await asyncio.sleep(REFUSED_PAUSE)  # a client's backoff, not a wait for a result
