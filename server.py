@@ -81,6 +81,7 @@ HEARTBEAT = 30.0  # seconds between WebSocket pings and SSE keepalive comments
 POOL_SIZE = 128  # Redis connections; a request waits for a free one rather than failing
 POOL_WAIT = 5.0  # seconds a request waits for a pooled connection before 503
 BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dropped
+RESUBSCRIBE_MAX = 1.0  # seconds between tries to subscribe again, at most (a failover: ~2-3 s)
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 CURSOR = re.compile(r"([0-9]{1,17})-([0-9a-f]{32})")  # a next_cursor of GET /jobs
 TOTALS = ("submitted", "done", "failed", "retried", "cancelled")  # {prefix}:counters
@@ -323,7 +324,7 @@ class Hub:
                 log.warning("pub/sub connection lost (%s); resubscribing in %.1fs",
                             redis_said(exc), delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RESUBSCRIBE_MAX)
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self.nodes.refresh()
             finally:
