@@ -1,5 +1,11 @@
 """Shared fixtures: a real Redis (REDIS_URL, default the local one), a key prefix per test,
-and processes that are always stopped by their pid."""
+and processes that are always stopped by their pid.
+
+A test marked `cluster` runs twice: as [redis] against that Redis, and as [cluster] against a
+Redis Cluster of 3 masters and 3 replicas, one for the whole session, started at the first
+such test (pytest_generate_tests parametrizes the `backend` fixture; redis_url follows it, and
+with it r, prefix, procs and every fixture built on them). -k "[cluster" selects the cluster
+runs alone, -k "not [cluster" leaves them out."""
 
 from __future__ import annotations
 
@@ -21,10 +27,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import redis
+import redis.cluster
 from hypothesis import HealthCheck, settings
 
 from server import new_jobs, submit_args
-from store import RETENTION, SUBMIT, Keys
+from store import RETENTION, SUBMIT, Client, Keys, connect
 
 if TYPE_CHECKING:  # tests.topologies imports this module: imported where used
     from playwright.sync_api import Browser
@@ -114,7 +121,7 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def enqueue(client: redis.Redis, prefix: str, text: str, queue: bool = True) -> str:
+def enqueue(client: Client, prefix: str, text: str, queue: bool = True) -> str:
     """Queue a job the way POST /submit does (or only store it); return its id."""
     jobs, keys = new_jobs([text]), Keys(prefix)
     if queue:
@@ -125,23 +132,84 @@ def enqueue(client: redis.Redis, prefix: str, text: str, queue: bool = True) -> 
     return str(jobs[0]["id"])
 
 
-def job(client: redis.Redis, prefix: str, job_id: str) -> dict[str, str]:
+def job(client: Client, prefix: str, job_id: str) -> dict[str, str]:
     return client.hgetall(Keys(prefix).job(job_id))  # type: ignore[return-value]
 
 
-def processing_keys(client: redis.Redis, prefix: str) -> list[str]:
-    """The processing lists that exist (an empty list is no key)."""
+def processing_keys(client: Client, prefix: str) -> list[str]:
+    """The processing lists that exist (an empty list is no key). On a cluster, scan_iter
+    scans every master."""
     return list(client.scan_iter(match=f"{prefix}:processing:*"))
 
 
-def delete_prefix(client: redis.Redis, prefix: str) -> None:
+def delete_prefix(client: Client, prefix: str) -> None:
+    """Delete prefix's keys; on a cluster, on every master (scan_iter scans each)."""
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:
         client.delete(*keys)
 
 
+class Subscription:
+    """A sharded pub/sub subscription (SSUBSCRIBE, as the scripts SPUBLISH), confirmed before
+    anything is published; on a cluster, on the node of the channel's slot."""
+
+    def __init__(self, client: Client, channel: str) -> None:
+        self.pubsub = client.pubsub()
+        self.pubsub.ssubscribe(channel)
+        confirmed = wait_until(lambda: self.get(timeout=1), what="the subscription")
+        assert confirmed is not None and confirmed["type"] == "ssubscribe", confirmed
+
+    def get(self, timeout: float) -> dict[str, Any] | None:
+        """The next message, or None if none comes within timeout seconds."""
+        if isinstance(self.pubsub, redis.cluster.ClusterPubSub):
+            return self.pubsub.get_sharded_message(timeout=timeout)  # type: ignore[no-any-return]
+        return self.pubsub.get_message(timeout=timeout)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.pubsub.close()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked cluster runs as [redis] and [cluster]; marked cluster(only=True), as
+    [cluster] alone."""
+    marker = metafunc.definition.get_closest_marker("cluster")
+    if marker is not None:
+        backends = ["cluster"] if marker.kwargs.get("only") else ["redis", "cluster"]
+        metafunc.parametrize("backend", backends, indirect=True)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """What redis_url points at: "redis", or "cluster" in a marked test's [cluster] run."""
+    return str(getattr(request, "param", "redis"))
+
+
+@pytest.fixture
+def redis_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """The Redis of this test: the session's one Redis, or the session's cluster."""
+    if backend == "cluster":
+        return str(request.getfixturevalue("shared_cluster").url)
+    return str(request.getfixturevalue("single_redis_url"))
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def shared_cluster() -> Iterator[Cluster]:
+    """The session's Redis Cluster (3 masters, 3 replicas) for the [cluster] runs, started when
+    the first asks for it and stopped, each node by its pid, at the end. Each test's keys are
+    under a prefix of its own, as on the one Redis; a test that kills nodes builds its own
+    (the `cluster` fixture)."""
+    from tests.topologies import Cluster, timed
+    topology = Cluster()
+    try:
+        timed("shared cluster start", topology.start)
+        yield topology
+    finally:
+        topology.stop()
+    assert not any(node.alive() for node in topology.nodes)
+
+
+@pytest.fixture(scope="session")
+def single_redis_url() -> Iterator[str]:
     """REDIS_URL (default the local Redis); if none answers there and REDIS_URL is not set,
     a throwaway redis-server of the session's own, so the tests need only the binary."""
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -162,10 +230,10 @@ def redis_url() -> Iterator[str]:
 def prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted before and after."""
     name = f"{{test-{uuid.uuid4().hex[:12]}}}"
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = connect(redis_url, decode_responses=True)
     try:
         client.ping()
-    except redis.ConnectionError as exc:
+    except (redis.ConnectionError, redis.exceptions.RedisClusterException) as exc:
         pytest.fail(f"tests need a Redis at {redis_url} (set REDIS_URL): {exc}")
     yield name
     delete_prefix(client, name)
@@ -173,8 +241,9 @@ def prefix(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+def r(redis_url: str) -> Iterator[Client]:
+    """A client of the test's Redis: on a cluster, a cluster client (commands go by key)."""
+    client = connect(redis_url, decode_responses=True)
     yield client
     client.close()
 

@@ -238,13 +238,13 @@ def test_a_deaf_handler_still_lets_the_worker_stop(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def lone_server(tmp_path_factory: pytest.TempPathFactory,
-                redis_url: str) -> Iterator[tuple[Procs, Any, str, redis.Redis, str]]:
+                single_redis_url: str) -> Iterator[tuple[Procs, Any, str, redis.Redis, str]]:
     """One server for all the examples hypothesis draws (no worker: jobs stay queued)."""
     prefix = f"{{fuzz-{os.getpid()}}}"
-    procs = Procs(redis_url, prefix, tmp_path_factory.mktemp("fuzz"))
+    procs = Procs(single_redis_url, prefix, tmp_path_factory.mktemp("fuzz"))
     port = free_port()
     server = procs.server(port)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis.Redis.from_url(single_redis_url, decode_responses=True)
     yield procs, server, f"http://127.0.0.1:{port}", client, prefix
     procs.stop_all()
     delete_prefix(client, prefix)

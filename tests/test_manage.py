@@ -911,14 +911,15 @@ Fuzz = tuple[Procs, Any, str, redis.Redis, str, list[str]]
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Fuzz]:
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory,
+                single_redis_url: str) -> Iterator[Fuzz]:
     """One server process for every example drawn (no worker: jobs stay where they are), and
     three jobs of its own for the ids to hit."""
     prefix = f"{{fuzz-manage-{os.getpid()}}}"
-    procs = Procs(redis_url, prefix, tmp_path_factory.mktemp("fuzz-manage"))
+    procs = Procs(single_redis_url, prefix, tmp_path_factory.mktemp("fuzz-manage"))
     port = free_port()
     server = procs.start(sys.executable, "server.py", "--port", str(port), log="server.log")
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis.Redis.from_url(single_redis_url, decode_responses=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 15
     while True:
