@@ -143,10 +143,12 @@ def processing_keys(client: Client, prefix: str) -> list[str]:
 
 
 def delete_prefix(client: Client, prefix: str) -> None:
-    """Delete prefix's keys; on a cluster, on every master (scan_iter scans each)."""
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    """Delete the keys of prefix's queues: the default's ({test-x}:...) and, for a prefix with
+    a hash tag, the named queues' ({test-x:emails}:...), on every master of a cluster."""
+    patterns = [f"{prefix}:*"] + ([f"{prefix[:-1]}:*}}:*"] if prefix.endswith("}") else [])
+    keys = [key for pattern in patterns for key in client.scan_iter(match=pattern, count=1000)]
     if keys:
-        client.delete(*keys)
+        client.delete(*keys)  # a cluster client sends each slot's keys to its master
 
 
 class Subscription:
