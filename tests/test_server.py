@@ -18,7 +18,8 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from server import make_app
-from store import Keys
+from store import Client as RedisClient
+from store import Keys, on_node
 from tests.conftest import RedisServer, free_port, wait_until
 from worker import Worker
 
@@ -66,21 +67,25 @@ async def assert_error(response: aiohttp.ClientResponse, status: int, words: str
     assert words in body["error"], body
 
 
-def kill_subscriptions(r: redis.Redis) -> int:
-    """CLIENT KILL the pub/sub connections of servers; returns how many there were."""
-    subscribers = [c for c in r.client_list() if c["name"] == "jobs-server" and c["ssub"] != "0"]
+def kill_subscriptions(r: RedisClient, prefix: str) -> int:
+    """CLIENT KILL the pub/sub connections of servers where the queue's channel is (on a
+    cluster, the node of its slot); returns how many there were."""
+    node = on_node(r, Keys(prefix).events)
+    subscribers = [c for c in node.client_list()
+                   if c["name"] == "jobs-server" and c["ssub"] != "0"]
     for c in subscribers:
-        r.client_kill_filter(_id=c["id"])
+        node.client_kill_filter(_id=c["id"])
     return len(subscribers)
 
 
-def job_keys(r: redis.Redis, prefix: str) -> list[str]:
+def job_keys(r: RedisClient, prefix: str) -> list[str]:
     return list(r.scan_iter(match=f"{prefix}:*"))
 
 
 # -- submit and status ---------------------------------------------------------------------------
 
-async def test_submit_stores_and_queues_the_job(client: Client, r: redis.Redis,
+@pytest.mark.cluster
+async def test_submit_stores_and_queues_the_job(client: Client, r: RedisClient,
                                                 prefix: str) -> None:
     job = await submit(client)
     assert re.fullmatch(r"[0-9a-f]{32}", job["id"])
@@ -98,6 +103,7 @@ async def test_ids_are_unique(client: Client) -> None:
     assert len({job["id"] for job in jobs}) == 50
 
 
+@pytest.mark.cluster
 async def test_status_follows_the_job(client: Client, worker: Worker) -> None:
     job = await submit(client)
     response = await client.get("/status", params={"id": job["id"]})
@@ -199,6 +205,7 @@ async def watch_it_run(client: Client, job_id: str,
     return first, rest, ws.close_code
 
 
+@pytest.mark.cluster
 async def test_websocket_first_state_then_each_change_then_close(client: Client,
                                                                  worker: Worker) -> None:
     job = await submit(client)
@@ -219,6 +226,7 @@ async def test_websocket_on_a_finished_job_sends_it_and_closes(client: Client,
     assert ws.close_code == aiohttp.WSCloseCode.OK
 
 
+@pytest.mark.cluster
 async def test_failed_job_message_carries_the_error(client: Client, redis_url: str,
                                                     prefix: str) -> None:
     def fail(text: str) -> str:
@@ -268,6 +276,7 @@ def sse_events(text: str) -> list[tuple[int, dict[str, Any]]]:
     return events
 
 
+@pytest.mark.cluster
 async def test_server_events_stream(client: Client, worker: Worker) -> None:
     job = await submit(client)
     response = await client.get("/events", params={"id": job["id"]})
@@ -328,8 +337,9 @@ async def test_a_peer_that_stops_answering_pings_is_dropped(make_client: MakeCli
     await ws.close()
 
 
+@pytest.mark.cluster
 async def test_changes_while_pubsub_was_down_are_pushed_after_resubscribe(
-        client: Client, worker: Worker, r: redis.Redis, prefix: str) -> None:
+        client: Client, worker: Worker, r: RedisClient, prefix: str) -> None:
     job = await submit(client)
     async with client.ws_connect("/ws", params={"id": job["id"]}) as ws:
         assert (await ws.receive_json(timeout=5))["status"] == "queued"
@@ -337,20 +347,22 @@ async def test_changes_while_pubsub_was_down_are_pushed_after_resubscribe(
         # not subscribed; then cut the subscription: the resync after it must find the change.
         r.hset(Keys(prefix).job(job["id"]),
                mapping={"status": "done", "result": "SET BY HAND", "version": 5})
-        kill_subscriptions(r)
+        assert kill_subscriptions(r, prefix) >= 1  # the server's, on the node of the slot
         messages = await asyncio.wait_for(read_ws(ws), 10)
     assert messages[-1]["status"] == "done"
     assert messages[-1]["result"] == "SET BY HAND"
 
 
-async def test_one_subscription_however_many_watchers(client: Client, r: redis.Redis,
+@pytest.mark.cluster
+async def test_one_subscription_however_many_watchers(client: Client, r: RedisClient,
                                                       prefix: str) -> None:
     job = await submit(client)
     sockets = [await client.ws_connect("/ws", params={"id": job["id"]}) for _ in range(20)]
     for ws in sockets:
         await ws.receive_json(timeout=5)
     channel = Keys(prefix).events
-    assert r.pubsub_shardnumsub(channel) == [(channel, 1)]
+    # on a cluster, on the node of the channel's slot: where the scripts SPUBLISH
+    assert on_node(r, channel).pubsub_shardnumsub(channel) == [(channel, 1)]
     for ws in sockets:
         await ws.close()
 
