@@ -38,6 +38,7 @@ def server(procs: Procs) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
 
 
+@pytest.mark.cluster
 def test_hello_world(procs: Procs, server: str) -> None:
     procs.worker()
     result = client(procs, "--server", server, "hello world")

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 import client
-from store import Keys
+from store import Client, Keys
 from tests.conftest import ROOT, Procs, eventually, free_port
 
 
@@ -42,8 +42,9 @@ async def call(session: aiohttp.ClientSession, method: str, url: str, status: in
         return body
 
 
+@pytest.mark.cluster
 async def test_jobs_go_to_the_queue_they_name_and_are_followed_there(
-        stack: str, r: redis.Redis, prefix: str) -> None:
+        stack: str, r: Client, prefix: str) -> None:
     base = f"http://{stack}"
     async with aiohttp.ClientSession() as session:
         mail = await call(session, "POST", f"{base}/submit", 201,

@@ -7,14 +7,13 @@ import collections
 import json
 import signal
 import time
-from typing import Any
 
 import pytest
 import redis
 
 from server import new_jobs, submit_args
-from store import CANCEL, RETENTION, SUBMIT, Keys
-from tests.conftest import Procs, enqueue, job, processing_keys, wait_until
+from store import CANCEL, RETENTION, SUBMIT, Client, Keys
+from tests.conftest import Procs, Subscription, enqueue, job, processing_keys, wait_until
 from worker import Worker
 
 
@@ -32,7 +31,8 @@ def lose(worker: Worker) -> None:
     worker.redis.delete(worker.keys.lease(worker.name))
 
 
-def test_done_job_has_its_result_and_expires(r: redis.Redis, redis_url: str,
+@pytest.mark.cluster
+def test_done_job_has_its_result_and_expires(r: Client, redis_url: str,
                                              prefix: str) -> None:
     worker = Worker(redis_url, prefix=prefix)
     job_id = enqueue(r, prefix, "hello world")
@@ -63,7 +63,8 @@ def test_finishing_a_job_takes_the_next_in_the_same_call(r: redis.Redis, redis_u
     assert [job(r, prefix, i)["result"] for i in (first, second)] == ["ONE", "TWO"]
 
 
-def test_raising_handler_is_retried_then_failed_and_dead_lettered(r: redis.Redis,
+@pytest.mark.cluster
+def test_raising_handler_is_retried_then_failed_and_dead_lettered(r: Client,
                                                                   redis_url: str,
                                                                   prefix: str) -> None:
     def broken(text: str) -> str:
@@ -87,7 +88,8 @@ def test_raising_handler_is_retried_then_failed_and_dead_lettered(r: redis.Redis
     assert r.ttl(keys.job(job_id)) > 0
 
 
-def test_backoff_doubles(r: redis.Redis, redis_url: str, prefix: str) -> None:
+@pytest.mark.cluster
+def test_backoff_doubles(r: Client, redis_url: str, prefix: str) -> None:
     def broken(text: str) -> str:
         raise ValueError("broken")
 
@@ -128,8 +130,9 @@ def test_a_handler_must_return_a_string(r: redis.Redis, redis_url: str, prefix: 
     assert job(r, prefix, job_id)["error"] == "TypeError: handler returned int, not str"
 
 
+@pytest.mark.cluster
 def test_jobs_of_a_lost_worker_are_requeued_and_its_late_result_dropped(
-        r: redis.Redis, redis_url: str, prefix: str) -> None:
+        r: Client, redis_url: str, prefix: str) -> None:
     lost, alive = (Worker(redis_url, prefix=prefix) for _ in range(2))
     keys = Keys(prefix)
     job_id = enqueue(r, prefix, "hello")
@@ -152,8 +155,9 @@ def test_jobs_of_a_lost_worker_are_requeued_and_its_late_result_dropped(
     assert (stored["status"], stored["result"], stored["attempts"]) == ("done", "HELLO", "2")
 
 
+@pytest.mark.cluster
 def test_a_job_that_loses_its_worker_on_the_last_attempt_fails(
-        r: redis.Redis, redis_url: str, prefix: str) -> None:
+        r: Client, redis_url: str, prefix: str) -> None:
     lost, alive = (Worker(redis_url, prefix=prefix, max_attempts=1) for _ in range(2))
     job_id = enqueue(r, prefix, "poison")
     lost.heartbeat()
@@ -177,11 +181,12 @@ def test_a_duplicate_queue_entry_runs_once(r: redis.Redis, redis_url: str, prefi
 
 # -- real processes ------------------------------------------------------------------------------
 
-def status_of(r: redis.Redis, prefix: str, job_id: str) -> str:
+def status_of(r: Client, prefix: str, job_id: str) -> str:
     return job(r, prefix, job_id).get("status", "")
 
 
-def test_sigkilled_worker_loses_no_job(procs: Procs, r: redis.Redis, prefix: str) -> None:
+@pytest.mark.cluster
+def test_sigkilled_worker_loses_no_job(procs: Procs, r: Client, prefix: str) -> None:
     job_id = enqueue(r, prefix, "1.5")
     victim = procs.worker("--handler", "handlers:slow")
     wait_until(lambda: status_of(r, prefix, job_id) == "running", what="job to start")
@@ -194,7 +199,8 @@ def test_sigkilled_worker_loses_no_job(procs: Procs, r: redis.Redis, prefix: str
     assert not processing_keys(r, prefix)
 
 
-def test_first_signal_finishes_the_job_then_exits_0(procs: Procs, r: redis.Redis,
+@pytest.mark.cluster
+def test_first_signal_finishes_the_job_then_exits_0(procs: Procs, r: Client,
                                                     prefix: str) -> None:
     job_id = enqueue(r, prefix, "1")
     worker = procs.worker("--handler", "handlers:slow")
@@ -205,8 +211,9 @@ def test_first_signal_finishes_the_job_then_exits_0(procs: Procs, r: redis.Redis
     assert not r.smembers(Keys(prefix).workers)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("how", ["second signal", "grace runs out"])
-def test_cold_stop_gives_the_job_back(procs: Procs, r: redis.Redis, prefix: str,
+def test_cold_stop_gives_the_job_back(procs: Procs, r: Client, prefix: str,
                                       how: str) -> None:
     job_id = enqueue(r, prefix, "60")  # a handler that will not finish in time
     worker = procs.worker("--handler", "handlers:slow", "--grace", "0.5")
@@ -238,27 +245,20 @@ def test_a_job_stranded_with_a_live_worker_is_run(procs: Procs, r: redis.Redis,
 
 # -- many jobs in flight -------------------------------------------------------------------------
 
-def done_events(r: redis.Redis, prefix: str) -> Any:
-    """A subscription to the job events, confirmed before anything is published."""
-    pubsub = r.pubsub()
-    pubsub.ssubscribe(Keys(prefix).events)
-    assert wait_until(lambda: pubsub.get_message(timeout=1))["type"] == "ssubscribe"
-    return pubsub
-
-
-def count_done(pubsub: Any) -> collections.Counter[str]:
+def count_done(events: Subscription) -> collections.Counter[str]:
     done: collections.Counter[str] = collections.Counter()
-    while (message := pubsub.get_message(timeout=0.5)) is not None:
+    while (message := events.get(timeout=0.5)) is not None:
         event = json.loads(message["data"])
         if event["status"] == "done":
             done[event["id"]] += 1
     return done
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("handler", ["handlers:slow", "handlers:asleep"])
 def test_ten_jobs_of_a_sigkilled_worker_are_each_done_once_by_another(
-        procs: Procs, r: redis.Redis, prefix: str, handler: str) -> None:
-    pubsub = done_events(r, prefix)
+        procs: Procs, r: Client, prefix: str, handler: str) -> None:
+    events = Subscription(r, Keys(prefix).events)
     ids = [enqueue(r, prefix, "2") for _ in range(10)]
     victim = procs.worker("--handler", handler, "--concurrency", "10")
     wait_until(lambda: all(status_of(r, prefix, i) == "running" for i in ids), what="10 running")
@@ -269,13 +269,14 @@ def test_ten_jobs_of_a_sigkilled_worker_are_each_done_once_by_another(
     victim.wait()
     procs.worker("--handler", handler, "--concurrency", "10")
     wait_until(lambda: all(status_of(r, prefix, i) == "done" for i in ids), timeout=30)
-    assert count_done(pubsub) == dict.fromkeys(ids, 1)
+    assert count_done(events) == dict.fromkeys(ids, 1)
     assert [job(r, prefix, i)["attempts"] for i in ids] == ["2"] * 10
-    pubsub.close()
+    events.close()
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("handler", ["handlers:slow", "handlers:asleep"])
-def test_a_warm_stop_finishes_every_job_in_flight(procs: Procs, r: redis.Redis, prefix: str,
+def test_a_warm_stop_finishes_every_job_in_flight(procs: Procs, r: Client, prefix: str,
                                                   handler: str) -> None:
     ids = [enqueue(r, prefix, "1") for _ in range(10)]
     worker = procs.worker("--handler", handler, "--concurrency", "10")
@@ -289,8 +290,9 @@ def test_a_warm_stop_finishes_every_job_in_flight(procs: Procs, r: redis.Redis, 
     assert not processing_keys(r, prefix)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("handler", ["handlers:slow", "handlers:asleep"])
-def test_a_cold_stop_gives_every_job_in_flight_back(procs: Procs, r: redis.Redis, prefix: str,
+def test_a_cold_stop_gives_every_job_in_flight_back(procs: Procs, r: Client, prefix: str,
                                                     handler: str) -> None:
     ids = [enqueue(r, prefix, "60") for _ in range(10)]
     worker = procs.worker("--handler", handler, "--concurrency", "10", "--grace", "0.5")
