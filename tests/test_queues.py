@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -13,7 +14,10 @@ import redis
 
 import client
 from store import Client, Keys
-from tests.conftest import ROOT, Procs, eventually, free_port
+from tests.conftest import ROOT, Procs, delete_prefix, eventually, free_port
+
+if TYPE_CHECKING:
+    from tests.topologies import Cluster
 
 
 def test_each_queue_has_a_hash_tag_of_its_own_and_the_default_keeps_the_old_keys() -> None:
@@ -127,3 +131,56 @@ def test_the_client_submits_to_a_queue_and_follows_it_there(stack: str) -> None:
     bad = subprocess.run([sys.executable, "client.py", "--queue", "No", "x"], cwd=ROOT,
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "is not a queue name" in bad.stderr
+
+
+# Four queues of the deployment's own prefix, whose slots are on all three masters of a fresh
+# cluster (CLUSTER KEYSLOT {jobs:a}:queue and so on: 1540, 13927, 9798, 5793, of the ranges
+# 0-5460, 5461-10922, 10923-16383 that redis-cli --cluster create gives 3 masters).
+QUEUES = ("a", "b", "c", "d")
+
+
+@pytest.mark.cluster(only=True)
+async def test_four_queues_on_a_cluster_each_followed_to_done(
+        shared_cluster: Cluster, procs: Procs, r: Client) -> None:
+    """A server and a worker on four queues whose keys are on different masters: each job is
+    followed over /ws from `queued` to `done` (the changes come over each slot's SSUBSCRIBE),
+    is stored on the master of its slot, and /stats counts it in its queue."""
+    procs.prefix = "{jobs}"  # the deployment's key names, {jobs:a}:queue...: no other test
+    # uses this prefix on the session's cluster, and its keys are deleted before and after
+    owners = {queue: shared_cluster.master_of(Keys(procs.prefix, queue).queue)
+              for queue in QUEUES}
+    assert len(set(owners.values())) >= 2, owners
+    delete_prefix(r, procs.prefix)
+    try:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        procs.server(port)
+        async with aiohttp.ClientSession() as session:
+            jobs = {queue: await call(session, "POST", f"{base}/submit", 201,
+                                      json={"input": f"job on {queue}", "queue": queue})
+                    for queue in QUEUES}
+            sockets = [await session.ws_connect(f"{base}/ws", params={"id": jobs[queue]["id"],
+                                                                       "queue": queue})
+                       for queue in QUEUES]
+            firsts = [(await ws.receive_json(timeout=10))["status"] for ws in sockets]
+            assert firsts == ["queued"] * 4
+            procs.worker("--queues", ",".join(QUEUES), "--concurrency", "4")
+
+            async def rest(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+                return [json.loads(m.data) async for m in ws]
+
+            streams = await asyncio.wait_for(asyncio.gather(*map(rest, sockets)), 30)
+            assert [[m["status"] for m in stream] for stream in streams] == [
+                ["running", "done"]] * 4
+            assert [stream[-1]["result"] for stream in streams] == [
+                f"job on {queue}".upper() for queue in QUEUES]
+            assert [ws.close_code for ws in sockets] == [1000] * 4
+            stats = await call(session, "GET", f"{base}/stats", 200)
+        assert {name: q["totals"]["done"] for name, q in stats["queues"].items()} == {
+            "default": 0} | dict.fromkeys(QUEUES, 1)  # the default queue is always listed
+        for queue, owner in owners.items():  # each job where its slot is
+            assert owner.call("HGET", Keys(procs.prefix, queue).job(jobs[queue]["id"]),
+                              "status") == "done"
+    finally:
+        procs.stop_all()  # before the keys go: a worker's lease would come back
+        delete_prefix(r, procs.prefix)
