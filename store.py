@@ -621,9 +621,15 @@ def connect_async(url: str, **options: Any) -> AsyncClient:
     if url.startswith(CLUSTER_SCHEME):
         cluster = Cluster.parse(url)
         options.pop("timeout", None)
+        # A command sent before the client knows the slots (at start, or after it has closed
+        # its nodes) goes to an arbitrary node, whose MOVED it then follows; by default every
+        # 5th MOVED makes it close every connection, the ones that commands are using too.
+        # With no retries, those commands fail (ConnectionError, or AttributeError from a
+        # socket closed under them): several requests at once after the start did. 0: a MOVED
+        # only corrects that slot's node.
         client = redis.asyncio.cluster.RedisCluster(
             startup_nodes=[redis.asyncio.cluster.ClusterNode(*a) for a in cluster.addresses],
-            password=cluster.password, **options)
+            password=cluster.password, reinitialize_steps=0, **options)
         # No parameter takes it: the nodes learnt from now on (all but the seeds) are made with
         # these settings.
         client.connection_kwargs["connection_class"] = ClusterConnection
