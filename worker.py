@@ -687,6 +687,7 @@ class Worker:
         exits from the keeper)."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        self.first_heartbeat()
         keeper = threading.Thread(target=self.keeper, name="keeper", daemon=True)
         keeper.start()
         log.info("worker %s: waiting for jobs on %s, %d at a time (%s handler)", self.name,
@@ -706,6 +707,21 @@ class Worker:
         self.close()
         log.info("worker %s: stopped", self.name)
         return 0
+
+    def first_heartbeat(self) -> None:
+        """Register the slots and take the lease before any slot takes a job: a job taken
+        before, by a worker killed before, would sit in a processing list that no reclaim looks
+        at (only registered slots' are), running or queued forever. Retried while Redis fails;
+        a signal meanwhile ends the wait (the slots then take nothing)."""
+        delay = 0.0
+        while not self.stopping:
+            try:
+                self.heartbeat()
+                self.redis_works()
+                return
+            except REDIS_ERRORS as exc:
+                delay = self.retry_delay(exc, delay)
+                time.sleep(delay)
 
     def close(self) -> None:
         """Leave the worker set (holding no job: whatever a slot's list holds is a stray, and
