@@ -190,6 +190,9 @@ def test_sigkilled_worker_loses_no_job(procs: Procs, r: Client, prefix: str) -> 
     job_id = enqueue(r, prefix, "1.5")
     victim = procs.worker("--handler", "handlers:slow")
     wait_until(lambda: status_of(r, prefix, job_id) == "running", what="job to start")
+    # Killed as soon as it runs the job: the slot running it is registered already (the first
+    # heartbeat comes before the first take), so the next worker's reclaim will find it.
+    assert job(r, prefix, job_id)["worker"] in r.smembers(Keys(prefix).workers)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     procs.worker("--handler", "handlers:slow")
