@@ -41,7 +41,7 @@ from redis.asyncio import cluster as redis_cluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from store import (
     CANCEL,
@@ -219,7 +219,7 @@ class Hub:
             await asyncio.sleep(every)
             rounds += 1
             if self.feeds and rounds % max(int(5 / every), 1) == 0:
-                with contextlib.suppress(RedisError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await self.follow_all()
             if self.batch:
                 data = ("[" + ",".join(self.batch.values()) + "]").encode()
@@ -325,16 +325,17 @@ class Hub:
                             redis_said(exc), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RESUBSCRIBE_MAX)
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await self.nodes.refresh()
+                await self.nodes.refresh(exc)
             finally:
                 if pubsub is not None:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def stop(self) -> None:
-        for task in self.listeners.values():
-            await cancel_and_wait(task)
+        for task in list(self.listeners.values()):
+            with contextlib.suppress(Exception):  # a listener's own error: it is stopping
+                await cancel_and_wait(task)
         await self.nodes.aclose()
+        await self.nodes.client.aclose()
 
 
 class Scripts:
@@ -389,6 +390,7 @@ async def ping(ws: web.WebSocketResponse) -> None:
 
 
 REDIS = web.AppKey[AsyncClient]("redis")
+NODES = web.AppKey("nodes", Nodes)  # of REDIS: for a write and its WAIT on one connection
 HUB = web.AppKey("hub", Hub)
 ORIGINS = web.AppKey("origins", frozenset)
 SCRIPTS = web.AppKey("scripts", Scripts)
@@ -565,15 +567,14 @@ async def submit(request: web.Request) -> web.Response:
     if not (wanted := request.app[MIN_REPLICAS]):
         await request.app[SCRIPTS].submit(keys=[keys.queue], args=args)
     else:  # WAIT counts the writes of its own connection: one pipeline for both
-        nodes = request.app[HUB].nodes
+        nodes = request.app[NODES]
         try:
             async with (await nodes.of(keys.queue)).pipeline(transaction=False) as pipe:
                 await request.app[SCRIPTS].submit(keys=[keys.queue], args=args, client=pipe)
                 pipe.execute_command("WAIT", wanted, WAIT_MS)
                 _, acked = await pipe.execute()
-        except REDIS_ERRORS:  # on a cluster, the node may have died or lost the slot
-            with contextlib.suppress(*REDIS_ERRORS):
-                await nodes.refresh()
+        except REDIS_ERRORS as exc:  # on a cluster, the node may have died or lost the slot
+            await nodes.refresh(exc)
             raise
         if acked < wanted:
             raise error(web.HTTPServiceUnavailable,
@@ -742,7 +743,7 @@ async def memory(redis: AsyncClient) -> dict[str, int]:
     if not isinstance(redis, redis_cluster.RedisCluster):
         info = await redis.info("memory")
         return {"used_memory": info["used_memory"], "maxmemory": info["maxmemory"]}
-    nodes = (await redis.info("memory", target_nodes=redis.PRIMARIES)).values()
+    nodes = [await redis.info("memory", target_nodes=node) for node in redis.get_primaries()]
     limits = [node["maxmemory"] for node in nodes]
     return {"used_memory": sum(node["used_memory"] for node in nodes),
             "maxmemory": 0 if 0 in limits else sum(limits)}
@@ -1066,20 +1067,27 @@ def make_app(
     app[MIN_REPLICAS] = min_replicas
     app[REQUESTS] = Counter()
 
+    # No retries of redis-py's own: a submit sent again after a lost reply could queue its
+    # jobs twice. A request that meets an outage is answered 503; its client retries.
+    options: dict[str, Any] = {
+        "max_connections": POOL_SIZE, "decode_responses": True, "client_name": "jobs-server",
+        "socket_connect_timeout": 1.0, "socket_timeout": 2.0,
+        "health_check_interval": int(HEARTBEAT), "retry": Retry(NoBackoff(), 0),
+        "timeout": POOL_WAIT}
+
     async def redis_client(app: web.Application) -> AsyncIterator[None]:
-        # No retries of redis-py's own: a submit sent again after a lost reply could queue its
-        # jobs twice. A request that meets an outage is answered 503; its client retries.
-        options: dict[str, Any] = {
-            "max_connections": POOL_SIZE, "decode_responses": True, "client_name": "jobs-server",
-            "socket_connect_timeout": 1.0, "socket_timeout": 2.0,
-            "health_check_interval": int(HEARTBEAT), "retry": Retry(NoBackoff(), 0)}
-        app[REDIS] = connect_async(redis_url, timeout=POOL_WAIT, **options)
+        app[REDIS] = connect_async(redis_url, **options)
         app[SCRIPTS] = Scripts(app[REDIS])
+        app[NODES] = Nodes(app[REDIS], POOL_WAIT)
         yield
+        await app[NODES].aclose()
         await app[REDIS].aclose()
 
     async def listener(app: web.Application) -> AsyncIterator[None]:
-        app[HUB] = hub = Hub(app[REDIS], Nodes(app[REDIS], POOL_WAIT), prefix)
+        # Subscriptions hold their connections for good: from a client (a pool) of their own,
+        # so that however many queues are followed, requests keep theirs.
+        subscriber = connect_async(redis_url, **options)
+        app[HUB] = hub = Hub(app[REDIS], Nodes(subscriber, POOL_WAIT), prefix)
         tasks = [asyncio.create_task(app[PINGER].run()),
                  asyncio.create_task(hub.send_batches(FEED_EVERY))]
         yield

@@ -8,6 +8,7 @@ Not a program: `python server.py` and `python worker.py` import it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -664,6 +665,18 @@ class BlockingSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool,
     connection, as a redis:// BlockingConnectionPool does, rather than failing at once."""
 
 
+def moved_or_gone(exc: Exception) -> bool:
+    """Whether an error from a cluster node says that its slots are to be learnt again."""
+    return isinstance(exc, UNAVAILABLE) or str(exc).startswith(("MOVED", "ASK"))
+
+
+def refresh(client: Client, after: Exception) -> None:
+    """Nodes.refresh() for the sync client."""
+    if isinstance(client, redis.cluster.RedisCluster) and moved_or_gone(after):
+        with contextlib.suppress(*REDIS_ERRORS):
+            client.nodes_manager.initialize()
+
+
 def on_node(client: Client, key: str) -> redis.Redis:
     """A client of the one node that holds key: the client itself, but on a cluster the node's
     own, for a write and a WAIT that must share a connection."""
@@ -693,15 +706,18 @@ class Nodes:
         if node is None:
             raise redis.exceptions.ClusterDownError(f"no node holds the slot of {key}")
         if (found := self.clients.get(node.name)) is None:
-            self.clients[node.name] = found = redis.asyncio.Redis(
-                connection_pool=redis.asyncio.BlockingConnectionPool(
+            self.clients[node.name] = found = redis.asyncio.Redis.from_pool(
+                redis.asyncio.BlockingConnectionPool(
                     connection_class=node.connection_class, max_connections=node.max_connections,
                     timeout=self.wait, **node.connection_kwargs))
         return found
 
-    async def refresh(self) -> None:
-        if isinstance(self.client, redis.asyncio.cluster.RedisCluster):
-            await self.client.nodes_manager.initialize()
+    async def refresh(self, after: Exception) -> None:
+        """After an error from a node: if it says the node is gone or no longer holds the slot,
+        learn the slots again (not after OOM, NOREPLICAS and the like)."""
+        if isinstance(self.client, redis.asyncio.cluster.RedisCluster) and moved_or_gone(after):
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.client.nodes_manager.initialize()
 
     async def aclose(self) -> None:
         for client in self.clients.values():

@@ -63,6 +63,7 @@ from store import (
     WAIT_MS,
     WRITES,
     AsyncClient,
+    Client,
     Job,
     Keys,
     Nodes,
@@ -77,6 +78,7 @@ from store import (
     queue_names,
     redis_said,
     redis_url,
+    refresh,
     rfc3339,
 )
 
@@ -219,8 +221,8 @@ class Worker:
         self.slots = [Slot(f"{self.name}/{n}", self.queues[n % len(self.queues)])
                       for n in range(concurrency)]
         self.registered = False  # in the registry of queues
-        self.redis = connect(redis_url, **self.client_options(),
-                             retry=redis.retry.Retry(NoBackoff(), 0))
+        self.troubled = False  # Redis unreachable or refusing: said once, until it works again
+        self.redis = self.connected(redis_url)
         self._start = self.redis.register_script(START)
         self._finish_take = self.redis.register_script(WRITES + FINISH)
         self._finish = self.redis.register_script(ALLOW_OOM + FINISH)
@@ -228,9 +230,22 @@ class Worker:
         self._lease = self.redis.register_script(LEASE)
         self.stopping = False  # the first signal: take no new job
         self.cold = False  # the second: give the jobs back and exit now
-        self.troubled = False  # Redis unreachable or refusing: said once, until it works again
         self._stop_deadline = float("inf")  # monotonic time when the grace runs out
         self._wake = threading.Event()  # wakes the keeper thread early
+
+    def connected(self, redis_url: str) -> Client:
+        """The client, once it is made: a cluster's learns the slots as it is made, so it is
+        retried until a node answers (no signal handler yet: a signal ends the wait)."""
+        delay = 0.0
+        while True:
+            try:
+                client = connect(redis_url, **self.client_options(),
+                                 retry=redis.retry.Retry(NoBackoff(), 0))
+                self.redis_works()
+                return client
+            except REDIS_ERRORS as exc:
+                delay = self.retry_delay(exc, delay)
+                time.sleep(delay)
 
     def client_options(self) -> dict[str, Any]:
         """A connection for each slot (each blocks one in BLMOVE) and for the keeper (per node,
@@ -423,10 +438,8 @@ class Worker:
                 wait: Any = pipe.execute_command  # untyped in redis-py's sync pipeline
                 wait("WAIT", self.min_replicas, WAIT_MS)
                 reply, acked = pipe.execute()
-        except REDIS_ERRORS:  # on a cluster, the node may have died or lost the slot
-            if isinstance(self.redis, redis.cluster.RedisCluster):
-                with contextlib.suppress(*REDIS_ERRORS):
-                    self.redis.nodes_manager.initialize()
+        except REDIS_ERRORS as exc:  # on a cluster, the node may have died or lost the slot
+            refresh(self.redis, exc)
             raise
         self.confirmed(job, acked)
         return reply
@@ -612,9 +625,8 @@ class Worker:
                     await script(keys=keys, args=args, client=pipe)
                     pipe.execute_command("WAIT", self.min_replicas, WAIT_MS)
                     reply, acked = await pipe.execute()
-            except REDIS_ERRORS:  # on a cluster, the node may have died or lost the slot
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await nodes.refresh()
+            except REDIS_ERRORS as exc:  # on a cluster, the node may have died or lost the slot
+                await nodes.refresh(exc)
                 raise
             self.confirmed(job, acked)
             return reply
