@@ -470,3 +470,28 @@ async def test_feed_messages_carry_the_start_of_a_long_result(client: Client,
             if line.startswith(b"data: "):
                 seen = json.loads(line[6:])[-1]
     assert seen["result"] == "X" * 256
+
+
+async def test_queues_followed_do_not_take_the_requests_connections(
+        make_client: MakeClient, r: RedisClient, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subscription holds its connection for good: with more queues followed than the pool
+    has connections, requests must still get theirs (subscriptions have a pool of their own)."""
+    monkeypatch.setattr("server.POOL_SIZE", 3)
+    client = await make_client()
+    queues = [f"q{n}" for n in range(5)]
+    ids = {}
+    for queue in queues:
+        response = await client.post("/submit", json={"input": "x", "queue": queue})
+        assert response.status == 201, await response.text()
+        ids[queue] = (await response.json())["id"]
+    response = await client.get("/stats")  # follows every queue in the registry: 6 in all
+    assert response.status == 200, await response.text()
+    assert set((await response.json())["queues"]) == {"default", *queues}
+    await asyncio.to_thread(wait_until, lambda: sum(
+        n for _, n in r.pubsub_shardnumsub(*(Keys(prefix, q).events for q in ["default", *queues]))
+    ) >= 3, what="the subscriptions to take every connection of their pool")
+    for queue, job_id in ids.items():  # each request gets a connection, and at once
+        response = await client.get("/status", params={"id": job_id, "queue": queue},
+                                    timeout=aiohttp.ClientTimeout(total=4))
+        assert response.status == 200, await response.text()
