@@ -1,11 +1,14 @@
-"""On a Redis Cluster, a queue's slot can move to another master while its jobs run and are
+"""On a Redis Cluster: a queue's slot can move to another master while its jobs run and are
 watched (resharding): the worker records the outcome on the new master, the server's sharded
 subscription, which Redis ends when the slot leaves, is made again on the new master, and the
-watcher gets the end. The cluster is of the test's own (tests/topologies.py)."""
+watcher gets the end. A worker started before the cluster answers waits for it; /stats adds up
+the masters' memory, one master or several. Each cluster is of the test's own
+(tests/topologies.py)."""
 
 from __future__ import annotations
 
 import json
+import signal
 
 import aiohttp
 import pytest
@@ -72,3 +75,35 @@ async def test_a_queue_whose_slot_moves_mid_job_still_ends_and_is_followed_to_th
     for proc in (server, worker):
         assert proc.poll() is None
         assert "Traceback" not in stack.log(proc), stack.log(proc)
+
+
+def test_a_worker_started_before_the_cluster_answers_waits_for_it(procs: Procs) -> None:
+    with Cluster(masters=1, replicas=0) as cluster:
+        node = cluster.nodes[0]
+        address, url = node.address, cluster.url
+        node.kill()  # the cluster is formed, then goes away: a node's address that refuses
+        procs.redis_url = url
+        worker = procs.worker()
+        wait_until(lambda: "redis unavailable" in procs.log(worker) or worker.poll() is not None,
+                   what="the worker to meet the closed port")
+        assert worker.poll() is None, procs.log(worker)
+        assert "Traceback" not in procs.log(worker), procs.log(worker)
+        assert address in procs.log(worker)
+        worker.send_signal(signal.SIGTERM)  # no job held: a signal ends the wait
+        assert worker.wait(10) != 0
+
+
+@pytest.mark.parametrize("masters", [1, 3])
+async def test_stats_add_up_the_masters_memory(procs: Procs, masters: int) -> None:
+    with Cluster(masters=masters, replicas=0) as cluster:
+        procs.redis_url = cluster.url
+        port = free_port()
+        procs.server(port)
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{port}/stats") as response:
+            assert response.status == 200, await response.text()
+            memory = (await response.json())["redis"]
+        used = [int(node.info("memory")["used_memory"]) for node in cluster.nodes]
+        # every master's counted: more than all but one of them use, at least
+        assert memory["used_memory"] > sum(sorted(used)[1:]) * 0.9, (memory, used)
+        assert memory["maxmemory"] == 0
