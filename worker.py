@@ -9,7 +9,8 @@ its next job (BLMOVE from the queue into a processing list of its own, empty bet
 finishes each job with one Lua script (status, result, removal from the list, expiry, publish),
 which also takes the slot's next job. With --queues, each slot takes from one of them in turn.
 One lease covers the whole worker (a copy in each queue): a worker whose lease expires is
-presumed dead, and any live worker puts its jobs back on the queue. Delivery is
+presumed dead, and any live worker puts its jobs back on the queue. --redis-url may name one
+Redis, a master through Sentinel, or a Redis Cluster (each queue in one slot). Delivery is
 therefore at-least-once, so handlers should be idempotent. A try that raises or runs past
 --timeout is retried with exponential backoff, up to --max-attempts tries; then the job is
 failed and its id kept on the dead-letter list. A running job cancelled over HTTP is stopped as
@@ -44,7 +45,6 @@ from typing import Any, TypeVar, cast
 import redis
 import redis.asyncio
 import redis.asyncio.retry
-import redis.cluster
 import redis.retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
