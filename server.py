@@ -32,7 +32,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dr
 RESUBSCRIBE_MAX = 1.0  # seconds between tries to subscribe again, at most (a failover: ~2-3 s)
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 CURSOR = re.compile(r"([0-9]{1,17})-([0-9a-f]{32})")  # a next_cursor of GET /jobs
+RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:([0-9]{2})(\.[0-9]+)?"
+                     r"([Zz]|[+-][0-9]{2}:[0-9]{2})")  # fromisoformat alone takes more
 TOTALS = ("submitted", "done", "failed", "retried", "cancelled")  # {prefix}:counters
 PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most
@@ -536,11 +538,14 @@ def due_of(data: dict[str, object]) -> float | None:
                         f'"delay" must be a number of seconds from 0 to {MAX_DELAY}')
         return time.time() + delay
     if run_at is not None:
-        try:
-            when = datetime.fromisoformat(run_at) if isinstance(run_at, str) else None
-        except ValueError:
-            when = None
-        if when is None or when.tzinfo is None:
+        when = None
+        if isinstance(run_at, str) and (match := RFC3339.fullmatch(run_at)):
+            leap = match[1] == "60"  # RFC 3339 has leap seconds, datetime has not
+            with contextlib.suppress(ValueError):
+                when = datetime.fromisoformat(
+                    (run_at[:17] + "59" + run_at[19:] if leap else run_at).upper()
+                ) + timedelta(seconds=leap)
+        if when is None:
             raise error(web.HTTPBadRequest, '"run_at" must be an RFC 3339 time with an offset, '
                                             'like 2026-12-01T09:30:00+01:00')
         if when.timestamp() > time.time() + MAX_DELAY:

@@ -188,6 +188,14 @@ BAD_SUBMITS = [
     (b'{"input": "x", "run_at": 1764581400}', '"run_at" must be'),
     (b'{"input": "x", "run_at": "2026-13-01T09:30:00+00:00"}', '"run_at" must be'),
     (b'{"input": "x", "run_at": "9999-12-31T00:00:00+00:00"}', '"run_at" must be within'),
+    # ISO 8601 forms that datetime.fromisoformat takes but RFC 3339 does not:
+    (b'{"input": "x", "run_at": "2026-W49-2T09:30:00+01:00"}', '"run_at" must be'),
+    (b'{"input": "x", "run_at": "20261201T093000+0100"}', '"run_at" must be'),
+    (b'{"input": "x", "run_at": "2026-12-01T09+01:00"}', '"run_at" must be'),
+    (b'{"input": "x", "run_at": "2026-12-01T09:30+01:00"}', '"run_at" must be'),
+    (b'{"input": "x", "run_at": "2026-12-01T09:30:00+01"}', '"run_at" must be'),
+    ('{"input": "x", "run_at": "2026-12-0\u0661T09:30:00Z"}'.encode(), '"run_at" must be'),
+    (b'{"input": "x", "run_at": "2026-12-01T09:30:61Z"}', '"run_at" must be'),
     (b'{"input": "x", "delay": 5, "run_at": "2026-12-01T09:30:00+01:00"}', "not both"),
     (b'{"input": "x", "inputs": ["y"]}', "not both"),
     (b'{"inputs": []}', '"inputs" must be a list'),
@@ -211,6 +219,17 @@ async def test_submit_rejects_a_bad_schedule_or_bulk(client: Client, r: redis.Re
     assert response.status == 400, await response.text()
     assert words in (await response.json())["error"]
     assert keys_of(r, prefix) == []  # nothing stored, nothing counted
+
+
+@pytest.mark.parametrize(("run_at", "utc"), [
+    ("2020-01-01T00:00:00-07:00", "2020-01-01T07:00:00.000000+00:00"),
+    ("2020-01-01t07:00:00.25z", "2020-01-01T07:00:00.250000+00:00"),
+    ("2020-01-01 07:00:00Z", "2020-01-01T07:00:00.000000+00:00"),
+    ("2016-12-31T23:59:60Z", "2017-01-01T00:00:00.000000+00:00"),  # a leap second
+])
+async def test_run_at_takes_rfc_3339(client: Client, run_at: str, utc: str) -> None:
+    job = await call(client, "POST", "/submit", 201, json={"input": "x", "run_at": run_at})
+    assert (job["status"], job["run_at"]) == ("delayed", utc)
 
 
 async def test_a_run_at_long_past_is_no_server_error(client: Client) -> None:
