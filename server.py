@@ -960,12 +960,10 @@ def unauthorized(message: str) -> web.HTTPError:
                                 headers={"WWW-Authenticate": "Bearer"})
 
 
-def signed_in(request: web.Request) -> bool:
-    token = request.app[TOKEN]
+def credential(request: web.Request) -> str:
+    """The token a request brings: its Bearer header, else the cookie /login set."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        given = request.cookies.get(COOKIE, "")
-    return not token or same(given, token)
+    return given if scheme.lower() == "bearer" else request.cookies.get(COOKIE, "")
 
 
 @web.middleware
@@ -982,8 +980,11 @@ async def access(
         raise error(web.HTTPMisdirectedRequest,
                     f"this server answers requests to a loopback address only, not to "
                     f"{request.host!r}; set a token to serve others")
-    if not (request.path in OPEN or request.path.startswith("/static/") or signed_in(request)):
-        raise unauthorized("a token is needed: send Authorization: Bearer <token>")
+    token = request.app[TOKEN]
+    public = request.path in OPEN or request.path.startswith("/static/")
+    if token and not public and not same(given := credential(request), token):
+        raise unauthorized("wrong token" if given else
+                           "a token is needed: send Authorization: Bearer <token>")
     if request.method == "POST":
         check_origin(request)
     return await handler(request)
@@ -1148,8 +1149,9 @@ def main(argv: list[str] | None = None) -> None:
                              "redis+cluster://HOST:PORT[,HOST:PORT...] "
                              "(env REDIS_URL; default %(default)s)")
     parser.add_argument("--allowed-origins", default=env("ALLOWED_ORIGINS", ""),
-                        help="comma-separated browser origins allowed on /ws and /events, or * "
-                             "(env ALLOWED_ORIGINS; same-origin and no-Origin clients always are)")
+                        help="comma-separated browser origins allowed to follow jobs (/ws, "
+                             "/events, /feed) and to POST, or * (env ALLOWED_ORIGINS; same-origin "
+                             "and no-Origin clients always are)")
     parser.add_argument("--max-input-bytes", type=size,
                         default=from_env(parser, "MAX_INPUT_BYTES", size, MAX_INPUT_BYTES),
                         help="largest request body accepted (env MAX_INPUT_BYTES; "

@@ -281,6 +281,9 @@ def test_the_token_works_and_is_never_printed(procs: Procs,
                 for args in (["--stats"], ["--help"], ["--token", token, "--help"])]
     assert [r.returncode for r in results] == [0] * len(results)
     assert not [r.args for r in results if token in r.stdout + r.stderr]
+    logs = {path.name: path.read_text() for path in procs.logs.values()}
+    assert "listening" in logs["server.log"] and "waiting for jobs" in "".join(logs.values())
+    assert not [name for name, text in logs.items() if token in text]
 
 
 def test_library_with_a_token(procs: Procs, token_server: tuple[str, str]) -> None:

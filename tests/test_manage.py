@@ -291,7 +291,11 @@ async def test_access_control_with_a_token(make_client: MakeClient, r: redis.Red
         assert response.status == status, (method, path, kwargs, bodies[-1][:300])
         if status == 401:
             assert response.headers["WWW-Authenticate"] == "Bearer"
-            assert "error" in json.loads(bodies[-1])
+            brought = "Bearer " in kwargs["headers"].get("Authorization", "") \
+                or "jobs_token=" in kwargs["headers"].get("Cookie", "")
+            assert json.loads(bodies[-1])["error"] == (
+                "wrong token" if brought else
+                "a token is needed: send Authorization: Bearer <token>"), kwargs
         return response
 
     good = {"Authorization": f"Bearer {TOKEN}"}
@@ -305,6 +309,7 @@ async def test_access_control_with_a_token(make_client: MakeClient, r: redis.Red
         for method, path in [("GET", "/stats"), ("GET", "/metrics"), ("GET", "/jobs?status=queued"),
                              ("GET", "/auth"), ("GET", f"/status?id={job['id']}"),
                              ("GET", f"/events?id={job['id']}"), ("GET", "/feed"),
+                             ("GET", f"/ws?id={job['id']}"),
                              ("GET", "/nope"), ("POST", "/submit"), ("POST", "/logout"),
                              ("POST", "/jobs/retry-failed"),
                              ("POST", f"/jobs/{job['id']}/cancel"),
@@ -315,7 +320,12 @@ async def test_access_control_with_a_token(make_client: MakeClient, r: redis.Red
     # Open without a token: liveness and the dashboard.
     assert (await expect("GET", "/healthz", 200)).content_type == "application/json"
     assert (await expect("GET", "/", 200)).content_type == "text/html"
-    await expect("GET", "/static/index.html", 200)
+    for name, kind in [("index.html", "text/html"), ("app.js", "javascript"),
+                       ("style.css", "text/css")]:
+        assert kind in (await expect("GET", f"/static/{name}", 200)).content_type
+    for name in ("nope.js", "..%2Fserver.py", "index.html%00", "index.html.gz"):
+        missing = await expect("GET", f"/static/{name}", 404)
+        assert (await missing.json())["error"] == "no such file"
     # With it: a Bearer header (any case of the scheme), or the cookie /login sets.
     for headers in (good, {"Authorization": f"bearer {TOKEN}"},
                     {"Cookie": f"jobs_token={TOKEN}"}):
