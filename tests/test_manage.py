@@ -13,11 +13,12 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -816,7 +817,7 @@ async def test_metrics_parse_and_match_stats(client: Client, r: redis.Redis, pre
     later = await call(client, "POST", "/submit", 201, json={"input": "x", "delay": 300})
     await call(client, "POST", f"/jobs/{later['id']}/cancel", 200)
     await call(client, "POST", "/submit", 201, json={"input": "x", "delay": 300})
-    await call(client, "POST", "/submit", 201, json={"input": "waits"})
+    waits = (await call(client, "POST", "/submit", 201, json={"input": "waits"}))["id"]
     numbers = await stats(client)
     assert numbers["jobs"] == {"queued": 1, "delayed": 1, "running": 0, "done": 2, "failed": 1,
                                "cancelled": 1}
@@ -856,6 +857,19 @@ async def test_metrics_parse_and_match_stats(client: Client, r: redis.Redis, pre
     assert counts == sorted(counts)  # cumulative
     assert counts[-1] == count == 4  # four tries: two done, two of always:3
     assert 0 < total < 5
+
+    # A job running, and one watcher of it: what each worker runs, and this server's watchers.
+    taken = await asyncio.to_thread(worker.take, worker.slots[0])
+    assert taken is not None and taken.id == waits
+    async with client.ws_connect(f"/ws?id={waits}") as ws:
+        assert (await ws.receive_json())["status"] == "running"
+        families = parse_metrics(await (await client.get("/metrics")).text())
+        assert sample(families, "server_watchers") == 1
+    [seen] = (await stats(client))["workers"]
+    assert (seen["name"], seen["host"], seen["running"]) == (worker.name, socket.gethostname(),
+                                                             [waits])
+    started, beat = (datetime.fromisoformat(seen[k]) for k in ("started", "last_heartbeat"))
+    assert started <= beat <= datetime.now(UTC)
 
 
 # 7 -- exact counters under load ------------------------------------------------------------------
