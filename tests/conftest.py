@@ -349,18 +349,26 @@ fuzz = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def plain(base: str, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
-    """A request over a plain socket: (status, JSON body); an error body must be JSON."""
+def plain(base: str, method: str, path: str, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """A request over a plain socket: (status, JSON body, or the text of /metrics); an error
+    body must be JSON, and a 401 must say how to authenticate."""
     connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
     try:
         connection.request(method, path, body=body,
-                           headers={"Content-Type": "application/json"})
+                           headers={"Content-Type": "application/json", **(headers or {})})
         response = connection.getresponse()
         payload = response.read()
         assert response.status < 500, (method, path, body, response.status, payload[:300])
+        if response.status == 204:
+            return response.status, None
+        if response.status == 200 and path.startswith("/metrics"):
+            return response.status, payload.decode()
         parsed = json.loads(payload)
         if response.status >= 400:
             assert isinstance(parsed["error"], str), parsed
+        if response.status == 401:
+            assert response.getheader("WWW-Authenticate") == "Bearer"
         return response.status, parsed
     finally:
         connection.close()

@@ -1034,6 +1034,79 @@ def test_fuzz_retry_and_cancel(fuzz_server: Fuzz, job_id: str, action: str, pick
     assert status in (200, 404, 409), (job_id, action, status)
 
 
+@fuzz
+@given(action=st.sampled_from([("GET", "/stats"), ("GET", "/metrics"),
+                               ("POST", "/jobs/retry-failed")]),
+       query=st.dictionaries(st.sampled_from(["queue", "status", "id", "x"]) | st.text(max_size=5),
+                             st.sampled_from(["default", "emails"]) | st.text(max_size=70),
+                             max_size=2))
+def test_fuzz_stats_metrics_and_retry_failed(fuzz_server: Fuzz, action: tuple[str, str],
+                                             query: dict[str, str]) -> None:
+    method, path = action
+    status, body = plain(fuzz_server[2], method, f"{path}?{urlencode(query)}")
+    assert status in (200, 400), (action, query, body)
+    if status == 200 and path == "/jobs/retry-failed":
+        assert body == {"retried": 0}  # nothing failed here
+    elif status == 200 and path == "/metrics":
+        assert "jobs_submitted_total" in body and parse_metrics(body)
+
+
+@pytest.fixture(scope="module")
+def fuzz_token_server(tmp_path_factory: pytest.TempPathFactory,
+                      single_redis_url: str) -> Iterator[str]:
+    """A server process with TOKEN set, for the access fuzzing: its address."""
+    prefix = f"{{fuzz-access-{os.getpid()}}}"
+    procs = Procs(single_redis_url, prefix, tmp_path_factory.mktemp("fuzz-access"))
+    client = redis.Redis.from_url(single_redis_url, decode_responses=True)
+    try:
+        procs.server(port := free_port(), "--token", TOKEN)
+        yield f"http://127.0.0.1:{port}"
+        assert not [path for path in procs.logs.values() if TOKEN in path.read_text()]
+    finally:
+        procs.stop_all()
+        delete_prefix(client, prefix)
+        client.close()
+
+
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
+                                    blacklist_characters="\x7f"), max_size=40)
+tokens = st.sampled_from([TOKEN, TOKEN + "x", TOKEN[:-1], TOKEN.upper(), ""]) | header_text
+
+
+@fuzz
+@given(action=st.sampled_from([("GET", "/stats"), ("GET", "/metrics"), ("GET", "/auth"),
+                               ("GET", "/jobs?status=failed"), ("POST", "/jobs/retry-failed"),
+                               ("GET", "/healthz"), ("POST", "/login")]),
+       authorization=st.none() | header_text | st.builds(
+           "{} {}".format, st.sampled_from(["Bearer", "bearer", "BEARER", "Basic"]), tokens),
+       cookie=st.none() | st.builds("jobs_token={}".format, tokens) | header_text,
+       login=st.fixed_dictionaries({"token": tokens}) | json_values)
+def test_fuzz_access(fuzz_token_server: str, action: tuple[str, str], authorization: str | None,
+                     cookie: str | None, login: Any) -> None:
+    """Whatever the credentials, the answer is the token's: a request is let through exactly
+    when its Bearer header (else its cookie) holds the token; /healthz and /login are open."""
+    method, path = action
+    headers = {name: value for name, value in (("Authorization", authorization),
+                                               ("Cookie", cookie)) if value is not None}
+    status, _ = plain(fuzz_token_server, method, path,
+                      json.dumps(login).encode() if path == "/login" else None, headers)
+    if path == "/healthz":
+        assert status == 200
+        return
+    if path == "/login":
+        token = login.get("token") if isinstance(login, dict) else None
+        assert status == (400 if not isinstance(token, str) else 204 if token == TOKEN else 401)
+        return
+    scheme, _, given = (authorization or "").strip(" \t").partition(" ")
+    if scheme.lower() == "bearer":
+        assert (status != 401) == (given == TOKEN), (authorization, status)
+    elif cookie is None or cookie == f"jobs_token={TOKEN}":
+        assert (status != 401) == (cookie is not None), (authorization, cookie, status)
+    else:  # a cookie header of any text: let through only if it holds the token
+        assert status == 401 or f"jobs_token={TOKEN}" in cookie, (cookie, status)
+    assert status in (200, 401), (action, status)
+
+
 def test_fuzzing_left_no_trace(fuzz_server: Fuzz) -> None:
     """Runs after the fuzz tests (file order): no traceback, and only what accepted submits,
     cancels and retries write, each job whole and in exactly the place its state says."""
