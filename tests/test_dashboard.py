@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,13 +96,17 @@ def test_the_page_loads_without_console_errors_or_warnings(page: Page, procs: Pr
     assert console.messages == []
 
 
-def test_a_job_submitted_over_http_appears_and_turns_done_without_a_reload(
+def test_a_job_submitted_with_curl_appears_and_turns_done_without_a_reload(
         page: Page, procs: Procs, tmp_path: Path) -> None:
     base = start(procs, "--handler", "handlers:gate")
     open_dashboard(page, base)
     page.evaluate("window.notReloaded = true")
     gate = tmp_path / "gate"
-    job = post(f"{base}/submit", {"input": str(gate)})
+    body = json.dumps({"input": str(gate)})
+    curl = subprocess.run(["curl", "-sS", "--fail-with-body", "-d", body, f"{base}/submit"],
+                          capture_output=True, text=True, timeout=30)
+    assert curl.returncode == 0, curl.stderr + curl.stdout
+    job = json.loads(curl.stdout)
     expect(status_cell(page, job["id"])).to_have_text("running")
     gate.touch()
     expect(status_cell(page, job["id"])).to_have_text("done")
