@@ -32,7 +32,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ RESUBSCRIBE_MAX = 1.0  # seconds between tries to subscribe again, at most (a fa
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 CURSOR = re.compile(r"([0-9]{1,17})-([0-9a-f]{32})")  # a next_cursor of GET /jobs
 RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:([0-9]{2})(\.[0-9]+)?"
-                     r"([Zz]|[+-][0-9]{2}:[0-9]{2})")  # fromisoformat alone takes more
+                     r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")  # fromisoformat takes more
 TOTALS = ("submitted", "done", "failed", "retried", "cancelled")  # {prefix}:counters
 PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most
@@ -538,19 +538,19 @@ def due_of(data: dict[str, object]) -> float | None:
                         f'"delay" must be a number of seconds from 0 to {MAX_DELAY}')
         return time.time() + delay
     if run_at is not None:
-        when = None
+        due = None
         if isinstance(run_at, str) and (match := RFC3339.fullmatch(run_at)):
-            leap = match[1] == "60"  # RFC 3339 has leap seconds, datetime has not
+            leap = match[1] == "60"  # RFC 3339 has leap seconds (datetime has not): :59 + 1 s
             with contextlib.suppress(ValueError):
-                when = datetime.fromisoformat(
+                due = datetime.fromisoformat(
                     (run_at[:17] + "59" + run_at[19:] if leap else run_at).upper()
-                ) + timedelta(seconds=leap)
-        if when is None:
+                ).timestamp() + leap
+        if due is None:
             raise error(web.HTTPBadRequest, '"run_at" must be an RFC 3339 time with an offset, '
                                             'like 2026-12-01T09:30:00+01:00')
-        if when.timestamp() > time.time() + MAX_DELAY:
+        if due > time.time() + MAX_DELAY:
             raise error(web.HTTPBadRequest, f'"run_at" must be within {MAX_DELAY} s from now')
-        return max(when.timestamp(), 0.0)  # past: due now (before 1970: stored as 1970)
+        return max(due, 0.0)  # past: due now (before 1970: stored as 1970)
     return None
 
 
