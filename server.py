@@ -571,16 +571,9 @@ async def submit(request: web.Request) -> web.Response:
     await request.app[HUB].register(keys)
     if not (wanted := request.app[MIN_REPLICAS]):
         await request.app[SCRIPTS].submit(keys=[keys.queue], args=args)
-    else:  # WAIT counts the writes of its own connection: one pipeline for both
-        nodes = request.app[NODES]
-        try:
-            async with (await nodes.of(keys.queue)).pipeline(transaction=False) as pipe:
-                await request.app[SCRIPTS].submit(keys=[keys.queue], args=args, client=pipe)
-                pipe.execute_command("WAIT", wanted, WAIT_MS)
-                _, acked = await pipe.execute()
-        except REDIS_ERRORS as exc:  # on a cluster, the node may have died or lost the slot
-            await nodes.refresh(exc)
-            raise
+    else:
+        _, acked = await request.app[NODES].run_and_wait(request.app[SCRIPTS].submit,
+                                                         [keys.queue], args, wanted)
         if acked < wanted:
             raise error(web.HTTPServiceUnavailable,
                         f"the job was not confirmed by {wanted} replica(s) of Redis within "

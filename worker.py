@@ -620,14 +620,7 @@ class Worker:
                              args: list[str | int | float]) -> Any:
             if not self.min_replicas:
                 return await script(keys=keys, args=args)
-            try:
-                async with (await nodes.of(keys[0])).pipeline(transaction=False) as pipe:
-                    await script(keys=keys, args=args, client=pipe)
-                    pipe.execute_command("WAIT", self.min_replicas, WAIT_MS)
-                    reply, acked = await pipe.execute()
-            except REDIS_ERRORS as exc:  # on a cluster, the node may have died or lost the slot
-                await nodes.refresh(exc)
-                raise
+            reply, acked = await nodes.run_and_wait(script, keys, args, self.min_replicas)
             self.confirmed(job, acked)
             return reply
 
