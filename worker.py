@@ -236,16 +236,8 @@ class Worker:
     def connected(self, redis_url: str) -> Client:
         """The client, once it is made: a cluster's learns the slots as it is made, so it is
         retried until a node answers (no signal handler yet: a signal ends the wait)."""
-        delay = 0.0
-        while True:
-            try:
-                client = connect(redis_url, **self.client_options(),
-                                 retry=redis.retry.Retry(NoBackoff(), 0))
-                self.redis_works()
-                return client
-            except REDIS_ERRORS as exc:
-                delay = self.retry_delay(exc, delay)
-                time.sleep(delay)
+        return self.until_redis_takes(lambda: connect(redis_url, **self.client_options(),
+                                                      retry=redis.retry.Retry(NoBackoff(), 0)))
 
     def client_options(self) -> dict[str, Any]:
         """A connection for each slot (each blocks one in BLMOVE) and for the keeper (per node,
@@ -524,7 +516,7 @@ class Worker:
         finally:
             slot.end()
 
-    def until_recorded(self, slot: Slot, step: Callable[[], T]) -> T:
+    def until_redis_takes(self, step: Callable[[], T], slot: Slot | None = None) -> T:
         """Run a Redis step until Redis takes it: a result is never dropped for an outage or
         a refusal."""
         delay = 0.0
@@ -534,8 +526,8 @@ class Worker:
                 self.redis_works()
                 return result
             except REDIS_ERRORS as exc:
-                # A lost reply may have taken a job: take none until the slot's strays are back.
-                slot.next_maintain = 0.0
+                if slot is not None:  # a lost reply may have taken a job: take none until the
+                    slot.next_maintain = 0.0  # slot's strays are back
                 delay = self.retry_delay(exc, delay)
                 time.sleep(delay)
 
@@ -547,7 +539,7 @@ class Worker:
             slot.end()
             ok, value = False, slot.why
         outcome, ran = self.outcome(job, ok, value), time.monotonic() - slot.began
-        return self.until_recorded(slot, lambda: self.finish(slot, job, *outcome, ran=ran))
+        return self.until_redis_takes(lambda: self.finish(slot, job, *outcome, ran=ran), slot)
 
     def work(self, slot: Slot) -> None:
         """Thread: the slot's loop, until the worker stops. Between jobs, its reclaim round when
@@ -719,7 +711,7 @@ class Worker:
         at (only registered slots' are), running or queued forever. Retried while Redis fails;
         a signal meanwhile ends the wait (the slots then take nothing)."""
         delay = 0.0
-        while not self.stopping:
+        while not self.stopping:  # not until_redis_takes(): a signal ends this wait
             try:
                 self.heartbeat()
                 self.redis_works()
