@@ -10,6 +10,7 @@ runs alone, -k "not [cluster" leaves them out."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import http.client
 import json
 import os
@@ -36,10 +37,11 @@ from store import RETENTION, SUBMIT, Client, Keys, connect
 if TYPE_CHECKING:  # tests.topologies imports this module: imported where used
     from playwright.sync_api import Browser
 
-    from tests.topologies import Cluster, Sentinels
+    from tests.topologies import Cluster, Sentinels, Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+TopologyT = TypeVar("TopologyT", bound="Topology")
 
 
 def free_port() -> int:
@@ -167,6 +169,15 @@ class Subscription:
             return self.pubsub.get_sharded_message(timeout=timeout)  # type: ignore[no-any-return]
         return self.pubsub.get_message(timeout=timeout)  # type: ignore[no-any-return]
 
+    def done(self, timeout: float) -> collections.Counter[str]:
+        """How many `done` messages each job got, until none comes for timeout seconds."""
+        done: collections.Counter[str] = collections.Counter()
+        while (message := self.get(timeout)) is not None:
+            event = json.loads(message["data"])
+            if event["status"] == "done":
+                done[event["id"]] += 1
+        return done
+
     def close(self) -> None:
         self.pubsub.close()
 
@@ -200,14 +211,8 @@ def shared_cluster() -> Iterator[Cluster]:
     the first asks for it and stopped, each node by its pid, at the end. Each test's keys are
     under a prefix of its own, as on the one Redis; a test that kills nodes builds its own
     (the `cluster` fixture)."""
-    from tests.topologies import Cluster, timed
-    topology = Cluster()
-    try:
-        timed("shared cluster start", topology.start)
-        yield topology
-    finally:
-        topology.stop()
-    assert not any(node.alive() for node in topology.nodes)
+    from tests.topologies import Cluster
+    yield from running(Cluster(), "shared cluster")
 
 
 @pytest.fixture(scope="session")
@@ -315,32 +320,38 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    """A Redis Cluster of 3 masters and 3 replicas of the test's own (tests/topologies.py)."""
-    from tests.topologies import Cluster, timed
-    topology = Cluster()
+def running(topology: TopologyT, what: str) -> Iterator[TopologyT]:
+    """A fixture's topology: started (the time it took printed), then stopped, each process
+    reaped by its pid and the folder gone."""
+    from tests.topologies import timed
     try:
-        timed("cluster start", topology.start)
-        yield topology
-    finally:
-        topology.stop()
-    assert not any(node.alive() for node in topology.nodes)  # each reaped by its pid
-    assert not topology.root.exists()
-
-
-@pytest.fixture
-def sentinels() -> Iterator[Sentinels]:
-    """A master, a replica and 3 Sentinels of the test's own (tests/topologies.py)."""
-    from tests.topologies import Sentinels, timed
-    topology = Sentinels()
-    try:
-        timed("sentinel start", topology.start)
+        timed(f"{what} start", topology.start)
         yield topology
     finally:
         topology.stop()
     assert not any(server.alive() for server in topology.servers)
     assert not topology.root.exists()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A Redis Cluster of 3 masters and 3 replicas of the test's own (tests/topologies.py)."""
+    from tests.topologies import Cluster
+    yield from running(Cluster(), "cluster")
+
+
+@pytest.fixture
+def cluster_stack(cluster: Cluster, procs: Procs) -> Procs:
+    """procs whose programs get REDIS_URL=the cluster's URL (stopped before the cluster)."""
+    procs.redis_url = cluster.url
+    return procs
+
+
+@pytest.fixture
+def sentinels() -> Iterator[Sentinels]:
+    """A master, a replica and 3 Sentinels of the test's own (tests/topologies.py)."""
+    from tests.topologies import Sentinels
+    yield from running(Sentinels(), "sentinel")
 
 
 # -- fuzzing the server over a plain socket -----------------------------------------------------

@@ -18,13 +18,6 @@ from tests.conftest import Procs, free_port, wait_until
 from tests.topologies import Cluster, Server
 
 
-@pytest.fixture
-def stack(cluster: Cluster, procs: Procs) -> Procs:
-    """procs whose programs get REDIS_URL=the cluster's URL (stopped before the cluster)."""
-    procs.redis_url = cluster.url
-    return procs
-
-
 def move_slot(cluster: Cluster, slot: int, source: Server, target: Server) -> None:
     """Reshard one slot by hand, keys and all, as `redis-cli --cluster reshard` does."""
     ids = {node: cluster.table(node)[node.address]["node_id"] for node in (source, target)}
@@ -40,13 +33,14 @@ def move_slot(cluster: Cluster, slot: int, source: Server, target: Server) -> No
                what=f"every node to know slot {slot} as {target}'s")
 
 async def test_a_queue_whose_slot_moves_mid_job_still_ends_and_is_followed_to_the_end(
-        stack: Procs, cluster: Cluster, prefix: str) -> None:
+        cluster_stack: Procs, cluster: Cluster, prefix: str) -> None:
+    procs = cluster_stack
     keys = Keys(prefix)
-    gate = stack.tmp / "gate"
+    gate = procs.tmp / "gate"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = stack.server(port)
-    worker = stack.worker("--handler", "handlers:gate", "--concurrency", "2")
+    server = procs.server(port)
+    worker = procs.worker("--handler", "handlers:gate", "--concurrency", "2")
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{base}/submit", json={"input": str(gate)}) as response:
             assert response.status == 201, await response.text()
@@ -71,10 +65,10 @@ async def test_a_queue_whose_slot_moves_mid_job_still_ends_and_is_followed_to_th
             second = (await response.json())["id"]
         wait_until(lambda: target.call("HGET", keys.job(second), "status") == "done",
                    what="a job submitted after the move to be done")
-    assert stack.log(server).count(f"subscribed to {keys.events}") >= 2, stack.log(server)
+    assert procs.log(server).count(f"subscribed to {keys.events}") >= 2, procs.log(server)
     for proc in (server, worker):
         assert proc.poll() is None
-        assert "Traceback" not in stack.log(proc), stack.log(proc)
+        assert "Traceback" not in procs.log(proc), procs.log(proc)
 
 
 def test_a_worker_started_before_the_cluster_answers_waits_for_it(procs: Procs) -> None:

@@ -557,13 +557,6 @@ async def test_requests_wait_for_a_free_connection_over_sentinel_too(
 
 # -- over a cluster ----------------------------------------------------------------------------
 
-@pytest.fixture
-def cluster_stack(cluster: Cluster, procs: Procs) -> Procs:
-    """procs whose programs get REDIS_URL=the cluster's URL (stopped before the cluster)."""
-    procs.redis_url = cluster.url
-    return procs
-
-
 def two_queues(cluster: Cluster, prefix: str) -> tuple[Keys, Keys]:
     """Two queues whose slots are on different masters (the prefix is each test's own, so
     where its queues land differs from test to test)."""

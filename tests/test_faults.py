@@ -9,7 +9,6 @@ way (test_run_all.py), warm and cold worker stops (test_worker.py)."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import os
 import random
@@ -31,6 +30,7 @@ from store import Keys
 from tests.conftest import (
     Procs,
     RedisServer,
+    Subscription,
     delete_prefix,
     enqueue,
     free_port,
@@ -97,9 +97,7 @@ async def watch(session: aiohttp.ClientSession, base: str, job_id: str) -> list[
 @concurrency
 def test_workers_killed_under_load(stack: Stack, concurrency: int) -> None:
     procs, _, r, prefix = stack
-    pubsub = r.pubsub()
-    pubsub.ssubscribe(Keys(prefix).events)
-    assert wait_until(lambda: pubsub.get_message(timeout=1))["type"] == "ssubscribe"
+    events = Subscription(r, Keys(prefix).events)
     ids = {enqueue(r, prefix, f"job {i}"): f"JOB {i}" for i in range(1200 * concurrency)}
     spawn = lambda: procs.worker("--handler", "handlers:pause", "--lease", "2.5",  # noqa: E731
                                  "--concurrency", str(concurrency))
@@ -114,12 +112,8 @@ def test_workers_killed_under_load(stack: Stack, concurrency: int) -> None:
         workers[workers.index(victim)] = spawn()
         kills += 1
     assert kills >= 3
-    done: collections.Counter[str] = collections.Counter()
-    while (message := pubsub.get_message(timeout=1)) is not None:
-        event = json.loads(message["data"])
-        if event["status"] == "done":
-            done[event["id"]] += 1
-    pubsub.close()
+    done = events.done(timeout=1)
+    events.close()
     jobs = statuses(r, prefix, list(ids))
     assert [job["result"] for job in jobs] == list(ids.values())
     assert done == dict.fromkeys(ids, 1), "some job was recorded done more than once, or never"

@@ -3,8 +3,6 @@ killed."""
 
 from __future__ import annotations
 
-import collections
-import json
 import signal
 import time
 
@@ -248,15 +246,6 @@ def test_a_job_stranded_with_a_live_worker_is_run(procs: Procs, r: redis.Redis,
 
 # -- many jobs in flight -------------------------------------------------------------------------
 
-def count_done(events: Subscription) -> collections.Counter[str]:
-    done: collections.Counter[str] = collections.Counter()
-    while (message := events.get(timeout=0.5)) is not None:
-        event = json.loads(message["data"])
-        if event["status"] == "done":
-            done[event["id"]] += 1
-    return done
-
-
 @pytest.mark.cluster
 @pytest.mark.parametrize("handler", ["handlers:slow", "handlers:asleep"])
 def test_ten_jobs_of_a_sigkilled_worker_are_each_done_once_by_another(
@@ -272,7 +261,7 @@ def test_ten_jobs_of_a_sigkilled_worker_are_each_done_once_by_another(
     victim.wait()
     procs.worker("--handler", handler, "--concurrency", "10")
     wait_until(lambda: all(status_of(r, prefix, i) == "done" for i in ids), timeout=30)
-    assert count_done(events) == dict.fromkeys(ids, 1)
+    assert events.done(timeout=0.5) == dict.fromkeys(ids, 1)
     assert [job(r, prefix, i)["attempts"] for i in ids] == ["2"] * 10
     events.close()
 
