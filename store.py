@@ -34,6 +34,15 @@ TERMINAL = ("done", "failed", "cancelled")
 RETENTION = 86_400  # seconds a finished job is kept
 DEAD_MAX = 10_000  # ids kept on the dead-letter list
 MAX_BULK = 1_000  # jobs one submit may carry
+PRIORITIES = range(1, 10)  # a job's priority: higher starts first
+DEFAULT_PRIORITY = 5
+GROUP_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # a job's group: fair share, group limits
+WAKE_MAX = 64  # idle slots one change wakes at once, at most (each woken slot wakes the next)
+SCAN_MAX = 1_000  # groups one take looks at, at most (those held back by a limit are skipped)
+# A queue's settings, as PUT /queues/NAME takes them: a limit is a whole number of jobs, a rate
+# limit jobs per seconds. Stored in the queue's settings hash, flat (see SETTINGS).
+LIMITS = ("concurrency", "group_concurrency")
+RATE_LIMITS = ("rate_limit", "group_rate_limit")
 # Upper bounds (seconds) of the run-time histogram's buckets, as Prometheus counts them.
 RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -49,9 +58,12 @@ class Job(NamedTuple):
     attempt: int
 
     @classmethod
-    def started(cls, reply: list[str] | None) -> Job | None:
-        """The job a script's start() returned, if any: [id, input, attempt] or nil."""
-        return cls(str(reply[0]), str(reply[1]), int(reply[2])) if reply else None
+    def taken(cls, reply: list[Any]) -> tuple[Job | None, float]:
+        """What take() returned: (the job started, 0), or (None, seconds to wait for a limit
+        to free; -1: until woken)."""
+        if reply[0] is None:
+            return None, int(reply[1]) / 1000 if int(reply[1]) > 0 else -1
+        return cls(str(reply[0]), str(reply[1]), int(reply[2])), 0
 
 
 class Keys:
@@ -74,6 +86,26 @@ class Keys:
         self.events = f"{prefix}:events"  # pub/sub channel: one JSON message per change
         self.counters = f"{prefix}:counters"  # hash: submitted, done, failed, retried, cancelled
         self.runtime = f"{prefix}:runtime"  # hash: the run-time histogram (see RUNTIME_BUCKETS)
+        # Dispatch (see take() in LUA_PRELUDE): `queue` holds the queued jobs of priority 5
+        # without a group; ready() those of the others.
+        self.priorities = f"{prefix}:priorities"  # sorted set: the priorities with queued jobs
+        self.settings = f"{prefix}:settings"  # hash: paused, limits (see SETTINGS)
+        self.group_running = f"{prefix}:group_running"  # hash: group -> its jobs running
+        self.rate = f"{prefix}:rate"  # sorted set: the starts in the rate limit's window
+        self.wake = f"{prefix}:wake"  # list of tokens: each wakes one idle slot (BLPOP)
+        self.timer = f"{prefix}:timer"  # the slot that waits for a rate limit to free; PX
+
+    def ready(self, priority: int = DEFAULT_PRIORITY, group: str = "") -> str:
+        """The list of a priority's and group's queued jobs (LPUSH to add, RPOP to take)."""
+        if priority == DEFAULT_PRIORITY and not group:
+            return self.queue
+        return f"{self.prefix}:queue:{priority}:{group}"
+
+    def groups(self, priority: int) -> str:  # list: the ring of groups with queued jobs
+        return f"{self.prefix}:groups:{priority}"
+
+    def group_rate(self, group: str) -> str:  # sorted set: a group's starts in its window
+        return f"{self.rate}:{group}"
 
     def job(self, job_id: str) -> str:  # hash: the job's fields
         return f"{self.prefix}:job:{job_id}"
@@ -139,11 +171,17 @@ local function owner(slot) return string.match(slot or '', '^(.+)/%d+$') or slot
 -- Returns Redis's time in unix seconds.
 local function bump(id, status)
   local key = job_key(id)
-  local f = redis.call('HMGET', key, 'status', 'worker', 'cancel_requested')
+  local f = redis.call('HMGET', key, 'status', 'worker', 'cancel_requested', 'group')
   local old = f[1]
   if old then redis.call('ZREM', P .. ':index:' .. old, id) end
   if old == 'running' and f[3] then  -- a stop request is over once the try is
     redis.call('SREM', P .. ':stop:' .. owner(f[2]), id)
+  end
+  if (old == 'running') ~= (status == 'running') then  -- the jobs each group runs
+    local running = P .. ':group_running'
+    if redis.call('HINCRBY', running, f[4] or '', old == 'running' and -1 or 1) <= 0 then
+      redis.call('HDEL', running, f[4] or '')
+    end
   end
   local seconds, score = clock()
   redis.call('ZADD', P .. ':index:' .. status, score, id)
@@ -173,37 +211,196 @@ local function fail(id, error)
   redis.call('LPUSH', P .. ':dead', id)
   redis.call('LTRIM', P .. ':dead', 0, DEAD_MAX - 1)
 end
--- Mark a job just moved into `processing` (a slot's list) running: {id, input, attempt}, and
--- record the slot in its `worker` field. False, and nothing done, if it is no longer in the
--- list (reclaimed meanwhile); false, and dropped from the list, if it is not `queued` (a
--- duplicate entry, cancelled, or finished). Run twice for one take (a reply lost), the same
--- answer.
-local function start(processing, id)
-  local key = job_key(id)
-  if not redis.call('LPOS', processing, id) then return false end
-  local slot = string.sub(processing, #P + 13)  -- after '<prefix>:processing:'
-  local f = redis.call('HMGET', key, 'status', 'worker', 'input', 'attempts')
-  if f[1] == 'running' and f[2] == slot then return {id, f[3], tonumber(f[4])} end
-  if f[1] ~= 'queued' then
-    redis.call('LREM', processing, 1, id)
-    return false
-  end
-  bump(id, 'running')
-  redis.call('HSET', key, 'worker', slot)
-  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-  emit(id)
-  return {id, f[3], attempts}
+-- Where queued jobs wait: a list per priority and group (LPUSH to add, RPOP to take: FIFO); the
+-- default priority's jobs without a group in the queue's own list, as before priorities. A
+-- ring per priority of the groups that have jobs (a group at most once), and the priorities
+-- that have jobs. A take rotates the ring of the highest priority: the groups take turns.
+local function ready_key(priority, group)
+  if priority == '5' and group == '' then return P .. ':queue' end
+  return P .. ':queue:' .. priority .. ':' .. group
 end
-""".replace("DEAD_MAX", str(DEAD_MAX))
+-- Up to n idle slots (WAKE_MAX at most) waiting on the queue are woken: one token each.
+local function wake(n)
+  local key = P .. ':wake'
+  for _ = redis.call('LLEN', key) + 1, math.min(n, WAKE_MAX) do redis.call('LPUSH', key, 1) end
+end
+-- Queue a job where a take finds it: last in its priority and group, or first (head: a job
+-- given back). priority and group are read from the job when not given.
+local function push(id, head, priority, group)
+  if not priority then
+    local f = redis.call('HMGET', job_key(id), 'priority', 'group')
+    priority, group = f[1] or '5', f[2] or ''
+  end
+  if redis.call(head and 'RPUSH' or 'LPUSH', ready_key(priority, group), id) == 1 then
+    redis.call('LPUSH', P .. ':groups:' .. priority, group)
+    redis.call('ZADD', P .. ':priorities', priority, priority)
+  end
+end
+-- After ids left a group's list: the group leaves its ring once it has none (and the priority,
+-- once no group has).
+local function drop(priority, group)
+  if redis.call('EXISTS', ready_key(priority, group)) == 0 then
+    local ring = P .. ':groups:' .. priority
+    redis.call('LREM', ring, 0, group)
+    if redis.call('EXISTS', ring) == 0 then redis.call('ZREM', P .. ':priorities', priority) end
+  end
+end
+-- Take a queued job off its list (cancelled; or ended by hand). Returns whether it was there.
+local function unqueue(id)
+  local f = redis.call('HMGET', job_key(id), 'priority', 'group')
+  local priority, group = f[1] or '5', f[2] or ''
+  local removed = redis.call('LREM', ready_key(priority, group), 0, id)
+  drop(priority, group)
+  return removed > 0
+end
+-- The queue's settings (see SETTINGS), as numbers.
+local function settings()
+  local s, f = {}, redis.call('HGETALL', P .. ':settings')
+  for i = 1, #f, 2 do s[f[i]] = tonumber(f[i + 1]) end
+  return s
+end
+local function us(n) return string.format('%.0f', n) end  -- Lua prints big numbers as 1.7e+15
+-- Milliseconds until the sliding window `key` (the starts of the last `per` seconds, by Redis's
+-- clock in microseconds) has room for one more of `jobs`: 0 if it has now.
+local function rate_wait(key, jobs, per, now)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', us(now - per * 1e6))
+  local n = redis.call('ZCARD', key)
+  if n < jobs then return 0 end
+  local first = redis.call('ZRANGE', key, n - jobs, n - jobs, 'WITHSCORES')  -- leaves last
+  return math.max(math.ceil((tonumber(first[2]) + per * 1e6 - now) / 1000), 1)
+end
+local function started(key, per, now, id, attempt)
+  redis.call('ZADD', key, us(now), id .. ':' .. attempt)
+  redis.call('PEXPIRE', key, math.ceil(per * 1000) + 1000)
+end
+-- A queue as GET /queues shows it: {length, running, paused, settings, held_back}; held_back
+-- counts the queued jobs a limit or a pause holds back now. Reads only.
+local function describe()
+  local s, raw = settings(), redis.call('HGETALL', P .. ':settings')
+  local _, score = clock()
+  local now = tonumber(score)
+  local out = {length = redis.call('ZCARD', P .. ':index:queued'),
+               running = redis.call('ZCARD', P .. ':index:running'),
+               paused = s.paused == 1, settings = {}, held_back = 0}
+  for i = 1, #raw, 2 do out.settings[raw[i]] = tonumber(raw[i + 1]) end
+  local function full(key, jobs, per)
+    return redis.call('ZCOUNT', key, '(' .. us(now - per * 1e6), '+inf') >= jobs
+  end
+  if s.paused or (s.concurrency and out.running >= s.concurrency)
+     or (s.rate_jobs and full(P .. ':rate', s.rate_jobs, s.rate_per)) then
+    out.held_back = out.length
+  elseif s.group_concurrency or s.group_rate_jobs then
+    local looked = 0
+    for _, priority in ipairs(redis.call('ZRANGE', P .. ':priorities', 0, -1)) do
+      for _, group in ipairs(redis.call('LRANGE', P .. ':groups:' .. priority, 0,
+                                        SCAN_MAX - looked - 1)) do
+        looked = looked + 1
+        if (s.group_concurrency and (tonumber(redis.call('HGET', P .. ':group_running', group))
+                                     or 0) >= s.group_concurrency)
+           or (s.group_rate_jobs and full(P .. ':rate:' .. group, s.group_rate_jobs,
+                                          s.group_rate_per)) then
+          out.held_back = out.held_back + redis.call('LLEN', ready_key(priority, group))
+        end
+      end
+    end
+  end
+  return out
+end
+-- Start the job the slot whose list is `processing` takes: {id, input, attempt}, and its
+-- `worker` field the slot; or {false, wait} if none may start now: wait is the milliseconds
+-- until a rate limit lets one (the slot waits that long, and holds the queue's timer: other
+-- slots wait for a wake-up meanwhile), or -1 (none to wait for: a wake-up comes when one may
+-- start). The highest priority first; in it, the groups in turn (those held back by their
+-- limits skipped); in a group, first in first out. A paused queue, or one at its concurrency
+-- or rate limit, starts none. Run again after a lost reply, it returns the job it started.
+local function take(processing)
+  local slot = string.sub(processing, #P + 13)  -- after '<prefix>:processing:'
+  local held = redis.call('LINDEX', processing, 0)
+  if held then
+    local f = redis.call('HMGET', job_key(held), 'status', 'worker', 'input', 'attempts')
+    if f[1] == 'running' and f[2] == slot then return {held, f[3], tonumber(f[4])} end
+    redis.call('LREM', processing, 0, held)  -- a stray (a worker before this take's time)
+    if f[1] == 'queued' then push(held, true) end
+  end
+  local s, timer = settings(), P .. ':timer'
+  local _, score = clock()
+  local now, wait = tonumber(score), -1
+  local looked = 0
+  if s.paused or (s.concurrency and redis.call('ZCARD', P .. ':index:running') >= s.concurrency)
+  then
+    wait = -2  -- held back whole (until a resume, a finish, new settings)
+  elseif s.rate_jobs then
+    wait = rate_wait(P .. ':rate', s.rate_jobs, s.rate_per, now)
+  end
+  if wait <= 0 and wait ~= -2 then
+    wait = -1
+    for _, priority in ipairs(redis.call('ZRANGE', P .. ':priorities', '+inf', '-inf', 'BYSCORE',
+                                         'REV')) do
+      local ring = P .. ':groups:' .. priority
+      for _ = 1, redis.call('LLEN', ring) do
+        local group = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
+        if not group or looked == SCAN_MAX then break end
+        looked = looked + 1
+        local free = 0
+        if s.group_concurrency and (tonumber(redis.call('HGET', P .. ':group_running', group))
+                                    or 0) >= s.group_concurrency then
+          free = -1
+        elseif s.group_rate_jobs then
+          free = rate_wait(P .. ':rate:' .. group, s.group_rate_jobs, s.group_rate_per, now)
+        end
+        if free == 0 then
+          local id = redis.call('RPOP', ready_key(priority, group))
+          drop(priority, group)
+          local f = id and redis.call('HMGET', job_key(id), 'status', 'input')
+          if f and f[1] == 'queued' then  -- else a leftover (ended meanwhile): dropped
+            local key = job_key(id)
+            redis.call('LPUSH', processing, id)
+            bump(id, 'running')
+            redis.call('HSET', key, 'worker', slot)
+            local attempt = redis.call('HINCRBY', key, 'attempts', 1)
+            if s.rate_jobs then started(P .. ':rate', s.rate_per, now, id, attempt) end
+            if s.group_rate_jobs then
+              started(P .. ':rate:' .. group, s.group_rate_per, now, id, attempt)
+            end
+            emit(id)
+            if redis.call('GET', timer) == slot then redis.call('DEL', timer) end
+            if redis.call('ZCARD', P .. ':index:queued') > 0 then wake(1) end
+            return {id, f[2], attempt}
+          end
+        elseif free > 0 and (wait < 0 or free < wait) then
+          wait = free
+        end
+      end
+      if looked == SCAN_MAX then break end
+    end
+    if looked == SCAN_MAX and (wait < 0 or wait > 10) then wait = 10 end  -- more groups to try
+  end
+  if wait == -2 then wait = -1 end
+  redis.call('DEL', P .. ':wake')  -- none may start: the tokens would wake slots for nothing
+  if wait > 0 then  -- one slot waits for the limit to free; the others for a wake-up
+    local holder = redis.call('GET', timer)
+    if holder and holder ~= slot then return {false, -1} end
+    redis.call('SET', timer, slot, 'PX', wait + 1000)
+  end
+  return {false, wait}
+end
+""".replace("DEAD_MAX", str(DEAD_MAX)).replace("WAKE_MAX", str(WAKE_MAX)).replace(
+    "SCAN_MAX", str(SCAN_MAX))
 
 # KEYS: queue. ARGV: (prefix, now, retention), due (unix time, or '' to queue now), n, then
-# n field-value pairs every job gets, then id-input pairs: one per job. Stores and queues (or
-# delays) them all in one step, or none: refused before it runs while Redis refuses writes.
-# Sent again (a client's retry after a lost reply), it leaves the jobs it already stored alone.
+# n field-value pairs every job gets (priority and group among them, if any), then id-input
+# pairs: one per job. Stores and queues (or delays) them all in one step, or none: refused
+# before it runs while Redis refuses writes. Sent again (a client's retry after a lost reply),
+# it leaves the jobs it already stored alone.
 SUBMIT = WRITES + LUA_PRELUDE + """
 local due, n = ARGV[4], tonumber(ARGV[5])
 local fields = {unpack(ARGV, 6, 5 + 2 * n)}
 local status = due == '' and 'queued' or 'delayed'
+local priority, group = '5', ''
+for i = 1, #fields, 2 do
+  if fields[i] == 'priority' then priority = fields[i + 1] end
+  if fields[i] == 'group' then group = fields[i + 1] end
+end
 local _, score = clock()
 local jobs = 0
 for i = 6 + 2 * n, #ARGV, 2 do
@@ -212,7 +409,7 @@ for i = 6 + 2 * n, #ARGV, 2 do
     redis.call('HSET', job_key(id), 'id', id, 'input', ARGV[i + 1], unpack(fields))
     redis.call('ZADD', P .. ':index:' .. status, score, id)
     if due == '' then
-      redis.call('LPUSH', KEYS[1], id)
+      push(id, false, priority, group)
     else
       redis.call('ZADD', P .. ':delayed', due, id)
     end
@@ -221,23 +418,27 @@ for i = 6 + 2 * n, #ARGV, 2 do
   end
 end
 count('submitted', jobs)
+if due == '' then wake(jobs) end
 """
 # Writes nothing, but declares that it may: Redis refuses it exactly when it refuses a submit.
 WRITABLE = WRITES + "return 1"
 
-# KEYS: processing. ARGV: (prefix, now, retention), id (just taken by BLMOVE).
-START = ALLOW_OOM + LUA_PRELUDE + """
-return start(KEYS[1], ARGV[4])
+# KEYS: the slot's processing list. ARGV: (prefix, now, retention). Starts the next job the
+# slot may take (see take()): {id, input, attempt}, or {nil, wait}. Refused while Redis is
+# full, as a push would be: the job waits for memory.
+TAKE = WRITES + LUA_PRELUDE + """
+return take(KEYS[1])
 """
 
 # KEYS: job, processing, queue. ARGV: (prefix, now, retention), id, outcome (done, failed,
-# retry, cancelled), result, error, due (unix; retry), run_at (RFC 3339; retry), take next
-# (1/0), attempt, run time (seconds), its histogram bucket. Returns {held, next}: held is 0 if
-# the slot no longer holds this try of the job (reclaimed, or recorded by the keeper: timed
-# out, cancelled); next is the next job, taken and started in the same round trip (as by
-# START), or nil: none waiting, or not asked for. A job asked to stop ends `cancelled`,
-# whatever the try's outcome. Registered twice: with WRITES to take the next job, and with
-# ALLOW_OOM to finish alone when Redis is full (a new job waits, as BLMOVE does, for memory).
+# retry, later, cancelled), result, error, due (unix; retry, later), run_at (RFC 3339; retry,
+# later), take next (1/0), attempt, run time (seconds), its histogram bucket. Returns {held,
+# next}: held is 0 if the slot no longer holds this try of the job (reclaimed, or recorded by
+# the keeper: timed out, cancelled); next is what TAKE returns for the slot's next job, in the
+# same round trip, or nil: not asked for. `later` (the handler raised RetryLater) delays the
+# job without counting the try. A job asked to stop ends `cancelled`, whatever the try's
+# outcome. Registered twice: with WRITES to take the next job, and with ALLOW_OOM to finish
+# alone when Redis is full (a new job waits for memory).
 FINISH = LUA_PRELUDE + """
 local id, outcome = ARGV[4], ARGV[5]
 local held = 0
@@ -246,11 +447,15 @@ if redis.call('HGET', KEYS[1], 'attempts') == ARGV[11] then
 end
 if held == 1 then
   if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then outcome = 'cancelled' end
-  if outcome == 'retry' then
+  if outcome == 'retry' or outcome == 'later' then
     bump(id, 'delayed')
     redis.call('HSET', KEYS[1], 'error', ARGV[7], 'run_at', ARGV[9])
     redis.call('ZADD', P .. ':delayed', ARGV[8], id)
-    count('retried')
+    if outcome == 'later' then
+      redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+    else
+      count('retried')
+    end
   elseif outcome == 'failed' then
     fail(id, ARGV[7])
   elseif outcome == 'cancelled' then
@@ -264,21 +469,17 @@ if held == 1 then
   redis.call('HINCRBYFLOAT', P .. ':runtime', 'sum', ARGV[12])
   emit(id)
 end
-local job = false
-while ARGV[10] == '1' and not job do
-  local next = redis.call('LMOVE', KEYS[3], KEYS[2], 'RIGHT', 'LEFT')
-  if not next then break end
-  job = start(KEYS[2], next)
-end
-return {held, job}
+if ARGV[10] == '1' then return {held, take(KEYS[2])} end
+if held == 1 and redis.call('ZCARD', P .. ':index:queued') > 0 then wake(1) end  -- a limit freed
+return {held, false}
 """
 
 # KEYS: queue. ARGV: (prefix, now, retention), now (unix), max attempts (0: no limit), scan
-# (1/0), worker ('' or the name whose stop requests to return), then slots that hold no job now
-# (their lists hold only strays: a BLMOVE whose reply was lost). Puts back at the head of the
-# queue the unfinished jobs of those slots and, with scan, of every slot whose worker's lease
-# expired (which also leave the set of slots), failing those out of attempts and cancelling
-# those asked to stop; queues the delayed jobs that are due. Returns {requeued, queued from
+# (1/0), worker ('' or the name whose stop requests to return), then slots whose jobs to give
+# back (a cold stop's). Puts back, first in their priority and group, the unfinished jobs of
+# those slots and, with scan, of every slot whose worker's lease expired (which also leave the
+# set of slots), failing those out of attempts and cancelling those asked to stop; queues the
+# delayed jobs that are due. Returns {requeued, queued from
 # delayed, ids of the worker's running jobs asked to stop}. A slot is named <worker>/<n>.
 RECLAIM = ALLOW_OOM + LUA_PRELUDE + """
 local max, moved = tonumber(ARGV[5]), 0
@@ -309,7 +510,7 @@ local function requeue(w)
         redis.call('HSET', key, 'error', 'worker ' .. w .. ' stopped before finishing; retrying')
         count('retried')
       end
-      redis.call('RPUSH', KEYS[1], id)
+      push(id, true)
     end
     if status == 'running' then emit(id) end
     if status == 'running' or status == 'queued' then moved = moved + 1 end
@@ -331,7 +532,23 @@ for _, id in ipairs(due) do
     bump(id, 'queued')
     emit(id)
   end
-  if status == 'delayed' or status == 'queued' then redis.call('LPUSH', KEYS[1], id) end
+  if status == 'delayed' or status == 'queued' then push(id) end
+end
+if moved + #due > 0 then wake(moved + #due) end
+if scan then
+  -- Jobs on the queue's own list that no ring names (pushed there by a server older than
+  -- priorities) are found; and should a wake-up have been lost (a slot killed between popping
+  -- it and taking), queued jobs that may start wake a slot.
+  if redis.call('EXISTS', KEYS[1]) == 1 and not redis.call('LPOS', P .. ':groups:5', '') then
+    redis.call('LPUSH', P .. ':groups:5', '')
+    redis.call('ZADD', P .. ':priorities', 5, 5)
+  end
+  local s = settings()
+  if redis.call('ZCARD', P .. ':index:queued') > 0 and not s.paused
+     and redis.call('EXISTS', P .. ':timer') == 0
+     and not (s.concurrency and redis.call('ZCARD', P .. ':index:running') >= s.concurrency) then
+    wake(1)
+  end
 end
 local stop = ARGV[7] ~= '' and redis.call('SMEMBERS', P .. ':stop:' .. ARGV[7]) or {}
 return {moved, #due, stop}
@@ -356,7 +573,7 @@ local id = ARGV[4]
 local f = redis.call('HMGET', KEYS[1], 'status', 'worker', 'cancel_requested')
 local status = f[1] or ''
 if status == 'queued' or status == 'delayed' then
-  redis.call('LREM', P .. ':queue', 0, id)  -- none if a worker took it: start() will drop it
+  unqueue(id)
   redis.call('ZREM', P .. ':delayed', id)
   ended(id, 'cancelled')
   emit(id)
@@ -382,7 +599,8 @@ local function retry(id, one)
     bump(id, 'queued')
     redis.call('HSET', key, 'attempts', 0, 'result', '', 'error', '')
     redis.call('HDEL', key, 'cancel_requested', 'run_at')
-    redis.call('LPUSH', KEYS[1], id)
+    push(id)
+    wake(1)
     count('retried')
     emit(id)
   end
@@ -397,6 +615,26 @@ redis.call('DEL', P .. ':dead')
 return retried
 """
 
+# KEYS: queue. ARGV: (prefix, now, retention), then field-value pairs of the queue's settings
+# ('' removes one): paused (1), concurrency, group_concurrency, rate_jobs and rate_per,
+# group_rate_jobs and group_rate_per. Idle slots wake to take what the change lets start.
+SETTINGS = WRITES + LUA_PRELUDE + """
+for i = 4, #ARGV, 2 do
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', P .. ':settings', ARGV[i])
+  else
+    redis.call('HSET', P .. ':settings', ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('DEL', P .. ':timer')  -- a wait for a limit that may have changed
+wake(WAKE_MAX)
+""".replace("WAKE_MAX", str(WAKE_MAX))
+
+# KEYS: queue. ARGV: (prefix, now, retention). describe() as JSON.
+QUEUE = READS + LUA_PRELUDE + """
+return cjson.encode(describe())
+"""
+
 # KEYS: the index of a state. ARGV: (prefix, now, retention), the score and the id of the last
 # job of the previous page ('+inf' and '' for the first page), limit. The next page of that
 # state's jobs, newest first: {{id, field, value, ...}, ...}, plus the cursor of the page after
@@ -406,7 +644,7 @@ return retried
 LIST = READS + LUA_PRELUDE + """
 local max, after, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local fields = {'status', 'input', 'result', 'error', 'attempts', 'created', 'updated', 'version',
-                'run_at', 'worker', 'cancel_requested'}
+                'run_at', 'worker', 'cancel_requested', 'priority', 'group'}
 local function cut(s)
   if #s <= 256 then return s end
   local n = 256
@@ -455,7 +693,8 @@ local out = {jobs = {}, totals = {}, minutes = {}, workers = {}, runtime = {}}
 for _, s in ipairs({'queued', 'delayed', 'running', 'done', 'failed', 'cancelled'}) do
   out.jobs[s] = redis.call('ZCARD', P .. ':index:' .. s)
 end
-out.queue_length = redis.call('LLEN', KEYS[1])
+local queue = describe()
+out.queue_length, out.paused, out.held_back = queue.length, queue.paused, queue.held_back
 out.delayed = redis.call('ZCARD', P .. ':delayed')
 out.dead_letter = redis.call('LLEN', P .. ':dead')
 local oldest = redis.call('ZRANGE', P .. ':index:queued', 0, 0, 'WITHSCORES')
@@ -488,6 +727,53 @@ for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
 end
 return cjson.encode(out)
 """
+
+
+def settings_of(flat: dict[str, Any]) -> dict[str, Any]:
+    """A queue's settings as the API shows them, from its settings hash (or QUEUE's JSON)."""
+    def number(name: str) -> int | float | None:
+        value = flat.get(name)
+        return None if value is None else int(float(value)) if float(value).is_integer() \
+            else float(value)
+    shown: dict[str, Any] = {}
+    for name in ("rate_limit", "concurrency", "group_rate_limit", "group_concurrency"):
+        if name in LIMITS:
+            shown[name] = number(name)
+        else:
+            stem = name.removesuffix("_limit")
+            jobs, per = number(f"{stem}_jobs"), number(f"{stem}_per")
+            shown[name] = None if jobs is None else {"jobs": jobs, "per": per}
+    return shown
+
+
+def settings_fields(changes: dict[str, Any]) -> list[str | int | float]:
+    """SETTINGS' field-value pairs for a PUT /queues/NAME body; ValueError says what is wrong
+    (and then nothing may be changed)."""
+    fields: list[str | int | float] = []
+    for name, value in changes.items():
+        if name in LIMITS:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= 1_000_000):
+                raise ValueError(f'"{name}" must be a whole number from 1 to 1000000, or null')
+            fields += [name, "" if value is None else value]
+        elif name in RATE_LIMITS:
+            stem = name.removesuffix("_limit")
+            if value is None:
+                fields += [f"{stem}_jobs", "", f"{stem}_per", ""]
+                continue
+            jobs, per = (value.get("jobs"), value.get("per")) if isinstance(value, dict) \
+                else (None, None)
+            if not isinstance(value, dict) or set(value) != {"jobs", "per"} \
+                    or isinstance(jobs, bool) or not isinstance(jobs, int) \
+                    or not 1 <= jobs <= 100_000 or isinstance(per, bool) \
+                    or not isinstance(per, int | float) or not 0.001 <= per <= 86_400:
+                raise ValueError(f'"{name}" must be {{"jobs": J, "per": S}} (J a whole number '
+                                 f'from 1 to 100000, S seconds from 0.001 to 86400), or null')
+            fields += [f"{stem}_jobs", jobs, f"{stem}_per", per]
+        else:
+            raise ValueError(f'unknown setting "{name}"; a queue takes rate_limit, '
+                             f'concurrency, group_rate_limit and group_concurrency')
+    return fields
 
 
 def redis_said(exc: Exception) -> str:
@@ -590,7 +876,7 @@ def redis_url(text: str) -> str:
         elif text.startswith(CLUSTER_SCHEME):
             Cluster.parse(text)
         else:
-            parse_url(text)  # type: ignore[no-untyped-call]
+            parse_url(text)  # type: ignore[no-untyped-call,unused-ignore]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -604,15 +890,15 @@ def connect(url: str, **options: Any) -> Client:
     if url.startswith(CLUSTER_SCHEME):
         cluster = Cluster.parse(url)
         return redis.cluster.RedisCluster(
-            startup_nodes=[redis.cluster.ClusterNode(*a)  # type: ignore[no-untyped-call]
+            startup_nodes=[redis.cluster.ClusterNode(*a)  # type: ignore[no-untyped-call,unused-ignore]
                            for a in cluster.addresses],
             password=cluster.password, **options)
     if not url.startswith(SENTINEL_SCHEME):
         return redis.Redis.from_url(url, **options)
     where = Sentinel.parse(url)
-    sentinels = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinels = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         where.addresses, sentinel_kwargs=SENTINEL_OPTIONS)
-    master = sentinels.master_for(  # type: ignore[no-untyped-call]
+    master = sentinels.master_for(  # type: ignore[no-untyped-call,unused-ignore]
         where.service, db=where.db, password=where.password, **options)
     return cast(redis.Redis, master)
 
@@ -640,7 +926,7 @@ def connect_async(url: str, **options: Any) -> AsyncClient:
         return redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
             url, **options))
     where = Sentinel.parse(url)
-    sentinels = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinels = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         where.addresses, sentinel_kwargs=SENTINEL_OPTIONS)
     master = sentinels.master_for(where.service, db=where.db, password=where.password,
                                   connection_pool_class=BlockingSentinelPool, **options)
@@ -682,7 +968,7 @@ def on_node(client: Client, key: str) -> redis.Redis:
     """A client of the one node that holds key: the client itself, but on a cluster the node's
     own, for a write and a WAIT that must share a connection."""
     if isinstance(client, redis.cluster.RedisCluster):
-        node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        node = client.get_node_from_key(key)  # type: ignore[no-untyped-call,unused-ignore]
         if node is None:
             raise redis.exceptions.ClusterDownError(f"no node holds the slot of {key}")
         return client.get_redis_connection(node)

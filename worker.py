@@ -3,18 +3,24 @@
     python worker.py [--redis-url URL] [--handler MODULE:FUNCTION] [--concurrency N]
                      [--queues NAME,...] [--timeout S] [--max-attempts N] [--lease S]
 
-It runs up to --concurrency jobs at once, in as many slots: a plain handler on a thread per
-slot, an `async def` handler as a task per slot on one event loop. Each slot blocks on Redis for
-its next job (BLMOVE from the queue into a processing list of its own, empty between jobs) and
-finishes each job with one Lua script (status, result, removal from the list, expiry, publish),
-which also takes the slot's next job. With --queues, each slot takes from one of them in turn.
+It runs up to --concurrency jobs at once, in as many slots: each a thread with one loop of
+take, run, finish, the same whatever the handler; a plain handler is called on the slot's
+thread, an `async def` one awaited on one event loop that all slots share. A slot takes its next
+job with one Lua script that decides which job runs (the highest priority first, the groups of
+a priority in turn, none that a pause or a limit holds back) and moves it into a processing list
+of the slot's own; when none may start, the slot blocks on Redis (BLPOP) until a change wakes
+it or a rate limit frees. Each job is finished with one script (status, result, removal from the
+list, expiry, publish), which also takes the slot's next job. With --queues, each slot waits on
+one of them in turn, and takes from the others when its own has nothing to start.
 One lease covers the whole worker (a copy in each queue): a worker whose lease expires is
 presumed dead, and any live worker puts its jobs back on the queue. --redis-url may name one
 Redis, a master through Sentinel, or a Redis Cluster (each queue in one slot). Delivery is
 therefore at-least-once, so handlers should be idempotent. A try that raises or runs past
 --timeout is retried with exponential backoff, up to --max-attempts tries; then the job is
-failed and its id kept on the dead-letter list. A running job cancelled over HTTP is stopped as
-a try past its time limit is (within about a second) and recorded `cancelled`.
+failed and its id kept on the dead-letter list. A handler that raises RetryLater(seconds) (from
+worker import RetryLater) has its job run again that much later, the try not counted. A running
+job cancelled over HTTP is stopped as a try past its time limit is (within about a second) and
+recorded `cancelled`.
 
 First SIGTERM/SIGINT: take no new job, finish those running within --grace seconds, exit 0.
 Second signal, or the grace running out: put them back on the queue, exit 1, even if a handler
@@ -30,6 +36,7 @@ import ctypes
 import importlib
 import inspect
 import logging
+import math
 import os
 import random
 import signal
@@ -47,7 +54,7 @@ import redis.asyncio
 import redis.asyncio.retry
 import redis.retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript, Script
+from redis.commands.core import Script
 
 from store import (
     ALLOW_OOM,
@@ -58,18 +65,15 @@ from store import (
     RECLAIM,
     REDIS_ERRORS,
     RETENTION,
-    START,
+    TAKE,
     UNAVAILABLE,
     WAIT_MS,
     WRITES,
-    AsyncClient,
     Client,
     Job,
     Keys,
-    Nodes,
     bucket,
     connect,
-    connect_async,
     from_env,
     non_empty,
     now,
@@ -94,6 +98,7 @@ HARD_STOP = 10.0  # seconds a cold stop may take giving jobs back before the pro
 
 T = TypeVar("T")
 Handler = Callable[[str], str] | Callable[[str], Awaitable[str]]
+Tried = tuple[bool, str]  # how a try went: (True, result) or (False, error)
 
 
 def upper(text: str) -> str:
@@ -102,6 +107,17 @@ def upper(text: str) -> str:
 
 
 CANCELLED = "cancelled while running"
+
+
+class RetryLater(Exception):  # a request, not an error: no Error in its name
+    """Raise in a handler to run the job again `seconds` from now (say, the API it calls said
+    429), without counting the try against --max-attempts."""
+
+    def __init__(self, seconds: float) -> None:
+        if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"RetryLater takes seconds >= 0, not {seconds!r}")
+        super().__init__(f"asked to run again in {seconds:g} s")
+        self.seconds = float(seconds)
 
 
 class Interrupted(Exception):
@@ -116,17 +132,20 @@ def raise_in_thread(thread_id: int, exc: type[BaseException] | None) -> None:
 
 
 class Slot:
-    """One of a worker's places for a job. Its processing list holds the job it has taken and
-    nothing between jobs, so whatever is there then is a stray (a BLMOVE whose reply was lost).
-    While a handler runs, `job` and `deadline` say what and until when, and interrupt() asks it
-    to stop (`why`: timed out, or cancelled): an exception raised in its thread, or its task
-    cancelled."""
+    """One of a worker's places for a job: a thread. In each queue it has a processing list that
+    holds the job it has taken from there, and nothing between jobs. It waits on its own queue
+    and takes from the others too (`queues`, its own first). While a handler runs, `job`,
+    `taken_from` and `deadline` say what, from which queue and until when, and interrupt() asks
+    it to stop (`why`: timed out, or cancelled): an exception raised in its thread, or the task
+    awaiting an async handler cancelled."""
 
-    def __init__(self, name: str, keys: Keys) -> None:
-        self.name = name  # <worker>/<n>: a member of its queue's workers set
-        self.keys = keys  # of the queue it takes jobs from
+    def __init__(self, name: str, keys: Keys, queues: list[Keys]) -> None:
+        self.name = name  # <worker>/<n>: a member of each queue's workers set
+        self.keys = keys  # of the queue it waits on
+        self.queues = [keys, *(other for other in queues if other is not keys)]
         self.processing = keys.processing(name)
-        self.next_maintain = 0.0  # monotonic time of the next reclaim round (strays first)
+        self.taken_from = keys  # the queue of the job it took last
+        self.waits: tuple[Keys, float] = (keys, -1.0)  # with none taken: where, how long
         self.lock = threading.Lock()  # the slot's runner and the keeper
         self.job: Job | None = None
         self.deadline = float("inf")
@@ -134,17 +153,17 @@ class Slot:
         self.why = ""  # why the try was interrupted ("": it was not)
         self.interrupted = False  # once per try
         self.thread_id: int | None = None
-        self.task: asyncio.Task[Any] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task[Any] | None = None  # awaiting an async handler
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one async handlers run on
         self.stopped = threading.Event()  # its loop has ended
 
     def idle(self) -> bool:
         """True once it can take no job any more: its loop ended, or it holds one."""
         return self.stopped.is_set() or self.job is not None
 
-    def begin(self, job: Job, timeout: float, task: asyncio.Task[Any] | None = None) -> None:
+    def begin(self, job: Job, timeout: float) -> None:
         with self.lock:
-            self.job, self.task, self.interrupted, self.why = job, task, False, ""
+            self.job, self.task, self.interrupted, self.why = job, None, False, ""
             self.began = time.monotonic()
             self.deadline = self.began + timeout if timeout else float("inf")
 
@@ -158,14 +177,14 @@ class Slot:
     def interrupt(self, why: str) -> None:
         """Call with the lock held and a job running."""
         self.interrupted, self.why = True, why
-        if self.task is not None and self.loop is not None:
+        if self.loop is not None:
             self.loop.call_soon_threadsafe(self.cancel, self.job)
         elif self.thread_id is not None:
             raise_in_thread(self.thread_id, Interrupted)
 
     def cancel(self, job: Job | None) -> None:
-        """In the event loop's thread: cancel the slot's task if it still awaits that job's
-        handler (the task is suspended there, so the cancel lands in the handler)."""
+        """In the event loop's thread: cancel the task awaiting that job's handler (suspended
+        there, so the cancel lands in the handler); one not begun yet sees `interrupted`."""
         if self.job is job and self.task is not None:
             self.task.cancel()
 
@@ -217,13 +236,14 @@ class Worker:
         self.redis_url = redis_url
         self.host, self.started = socket.gethostname(), now()
         self.name = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        # Slot n takes jobs from queue n modulo the queues: each slot blocks on one queue.
-        self.slots = [Slot(f"{self.name}/{n}", self.queues[n % len(self.queues)])
+        # Slot n waits on queue n modulo the queues, and takes from the others too.
+        self.slots = [Slot(f"{self.name}/{n}", self.queues[n % len(self.queues)], self.queues)
                       for n in range(concurrency)]
+        self.loop: asyncio.AbstractEventLoop | None = None  # for an async handler, once running
         self.registered = False  # in the registry of queues
         self.troubled = False  # Redis unreachable or refusing: said once, until it works again
         self.redis = self.connected(redis_url)
-        self._start = self.redis.register_script(START)
+        self._take = self.redis.register_script(TAKE)
         self._finish_take = self.redis.register_script(WRITES + FINISH)
         self._finish = self.redis.register_script(ALLOW_OOM + FINISH)
         self._reclaim = self.redis.register_script(RECLAIM)
@@ -301,7 +321,7 @@ class Worker:
             time.sleep(0.01)
         try:
             for keys in self.queues:
-                self.reclaim(*self.names(keys), keys=keys, max_attempts=0, scan=False)
+                self.reclaim(*self.names(), keys=keys, max_attempts=0, scan=False)
                 # Not leaving the worker set: should a finish in flight in a slot take one
                 # more job, any worker reclaims it once it sees the lease gone.
                 self.redis.delete(keys.lease(self.name))
@@ -337,7 +357,8 @@ class Worker:
                 slot.deadline = float("inf")
                 why, ran = slot.why, time.monotonic() - slot.began
             try:
-                self.finish(slot, job, *self.outcome(job, False, why), ran=ran, take_next=False)
+                self.finish(slot, job, *self.outcome(job, (False, why)), ran=ran,
+                            take_next=False)
             except REDIS_ERRORS:
                 with slot.lock:
                     if slot.job is job:
@@ -355,9 +376,9 @@ class Worker:
         """The arguments every script takes first (see store.LUA_PRELUDE), for a queue."""
         return [(keys or self.keys).prefix, now(), self.retention]
 
-    def names(self, keys: Keys) -> list[str]:
-        """The names of the slots that take jobs from that queue."""
-        return [slot.name for slot in self.slots if slot.keys is keys]
+    def names(self) -> list[str]:
+        """The names of the slots, each of which may take jobs from every queue."""
+        return [slot.name for slot in self.slots]
 
     def heartbeat(self) -> None:
         """Renew the lease in each queue (and re-register the slots, in case the worker was
@@ -368,55 +389,73 @@ class Worker:
         for keys in self.queues:
             self._lease(keys=[keys.lease(self.name)],
                         args=[*self.common(keys), int(self.lease * 1000), self.host, os.getpid(),
-                              len(self.slots), self.started, *self.names(keys)])
+                              len(self.slots), self.started, *self.names()])
 
     def reclaim(self, *idle: str, keys: Keys | None = None, max_attempts: int | None = None,
                 scan: bool = True, stops: bool = False) -> tuple[int, int, list[str]]:
-        """In a queue (default: the first): requeue what the idle slots named hold (strays)
-        and, with scan, the jobs of workers whose lease expired, and queue the delayed jobs
-        due. Returns (jobs requeued, delayed jobs queued, and with stops: the ids of this
-        worker's jobs asked to stop)."""
+        """In a queue (default: the first): give back the jobs of the slots named and, with
+        scan, those of workers whose lease expired, and queue the delayed jobs due. Returns
+        (jobs requeued, delayed jobs queued, and with stops: the ids of this worker's jobs
+        asked to stop)."""
         keys = keys or self.keys
-        return self.reclaimed(*self._reclaim(keys=[keys.queue], args=self.reclaim_args(
-            idle, max_attempts, scan, stops, keys)))
-
-    def reclaim_args(self, idle: tuple[str, ...], max_attempts: int | None, scan: bool,
-                     stops: bool = False, keys: Keys | None = None) -> list[str | int | float]:
-        return [*self.common(keys), time.time(),
-                self.max_attempts if max_attempts is None else max_attempts, int(scan),
-                self.name if stops else "", *idle]
-
-    @staticmethod
-    def reclaimed(moved: int, due: int, stops: list[str]) -> tuple[int, int, list[str]]:
+        moved, due, stops_ = self._reclaim(keys=[keys.queue], args=[
+            *self.common(keys), time.time(),
+            self.max_attempts if max_attempts is None else max_attempts, int(scan),
+            self.name if stops else "", *idle])
         if moved:
-            log.warning("requeued %d job(s) of stopped worker(s) or stray(s)", moved)
-        return int(moved), int(due), stops
+            log.warning("requeued %d job(s) of stopped worker(s)", moved)
+        return int(moved), int(due), stops_
 
     def take(self, slot: Slot) -> Job | None:
-        """Block up to BLOCK seconds for a job for the slot; return it once it is running."""
-        taken = self.redis.blmove(slot.keys.queue, slot.processing, BLOCK, "RIGHT", "LEFT")
-        if taken is None:
-            return None
-        return Job.started(self._start(keys=[slot.processing],
-                                       args=self.start_args(taken, slot.keys)))
+        """Start the next job the slot may take, from its own queue or else its others (one
+        script call each); None if no queue has one to start now. Then `slot.taken_from` is
+        the job's queue; or, with none, `slot.waits` says where and how long to wait."""
+        for keys in slot.queues:
+            job, wait = Job.taken(self._take(keys=[keys.processing(slot.name)],
+                                             args=self.common(keys)))
+            if job is not None:
+                slot.taken_from = keys
+                return job
+            if wait > 0:  # this slot holds the queue's timer: it waits for the limit
+                slot.waits = keys, wait
+                return None
+        slot.waits = slot.keys, -1.0
+        return None
 
-    def start_args(self, taken: bytes | str, keys: Keys | None = None) -> list[bytes | str | int]:
-        return [*self.common(keys), taken]
+    def wait_for_work(self, slot: Slot) -> None:
+        """Block until woken on the queue named by `slot.waits` (a submit, a finish, new
+        settings) or the rate limit it waits for frees: BLPOP, up to BLOCK s at a time, so a
+        stop is seen."""
+        keys, wait = slot.waits
+        deadline = time.monotonic() + wait if wait > 0 else float("inf")
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            if self.redis.blpop([keys.wake], timeout=min(BLOCK, left)) is not None:
+                return
 
     def finish(self, slot: Slot, job: Job, outcome: str, result: str = "", error: str = "",
                due: float = 0.0, *, ran: float = 0.0, take_next: bool = True) -> Job | None:
-        """Record done/failed/retry atomically, and take the slot's next job in the same round
-        trip unless the worker is stopping, the slot's reclaim round is due (it runs with no
-        job held) or Redis is full. A result is dropped if the job is no longer the slot's
-        (reclaimed, or timed out by the keeper)."""
-        keys, args = self.finish_call(slot, job, outcome, result, error, due, ran)
-        chain = take_next and self.may_chain(slot)
+        """Record the try's outcome atomically, and take the slot's next job from the same
+        queue in the same round trip unless the worker is stopping or Redis is full. A result
+        is dropped if the job is no longer the slot's (reclaimed, or timed out by the
+        keeper)."""
+        keys = slot.taken_from
+        processing = keys.processing(slot.name)
+        chain = take_next and not self.stopping
+
+        def args(take: bool) -> list[str | int | float]:
+            return [*self.common(keys), job.id, outcome, result, error, due,
+                    rfc3339(due) if due else "", int(take), job.attempt, ran, bucket(ran)]
+
+        script_keys = [keys.job(job.id), processing, keys.queue]
         try:
             held, taken = self.replicated(job, self._finish_take if chain else self._finish,
-                                          keys, args(chain))
+                                          script_keys, args(chain))
         except redis.exceptions.OutOfMemoryError:  # refused before it ran: finish alone
-            held, taken = self.replicated(job, self._finish, keys, args(False))
-        return self.finished(job, held, taken)
+            held, taken = self.replicated(job, self._finish, script_keys, args(False))
+        if not held:
+            log.warning("job %s: this try was no longer the slot's (reclaimed, or timed out); "
+                        "dropping its result", job.id)
+        return Job.taken(taken)[0] if taken else None
 
     def replicated(self, job: Job, script: Script, keys: list[str],
                    args: list[str | int | float]) -> Any:
@@ -433,34 +472,11 @@ class Worker:
         except REDIS_ERRORS as exc:  # on a cluster, the node may have died or lost the slot
             refresh(self.redis, exc)
             raise
-        self.confirmed(job, acked)
-        return reply
-
-    def confirmed(self, job: Job, acked: int) -> None:
         if acked < self.min_replicas:
             log.warning("job %s: its outcome reached %d of %d replicas within %d ms; a "
                         "failover now could lose it (the job would run again)", job.id, acked,
                         self.min_replicas, WAIT_MS)
-
-    def finish_call(self, slot: Slot, job: Job, outcome: str, result: str, error: str,
-                    due: float, ran: float,
-                    ) -> tuple[list[str], Callable[[bool], list[str | int | float]]]:
-        keys = [slot.keys.job(job.id), slot.processing, slot.keys.queue]
-
-        def args(take_next: bool) -> list[str | int | float]:
-            return [*self.common(slot.keys), job.id, outcome, result, error, due,
-                    rfc3339(due) if due else "", int(take_next), job.attempt, ran, bucket(ran)]
-        return keys, args
-
-    def may_chain(self, slot: Slot) -> bool:
-        return not self.stopping and time.monotonic() < slot.next_maintain
-
-    @staticmethod
-    def finished(job: Job, held: int, taken: list[str] | None) -> Job | None:
-        if not held:
-            log.warning("job %s: this try was no longer the slot's (reclaimed, or timed out); "
-                        "dropping its result", job.id)
-        return Job.started(taken)
+        return reply
 
     def retry_delay(self, exc: Exception, delay: float) -> float:
         """The next wait of a slot retrying a Redis step: 0.1 s, doubling up to
@@ -481,10 +497,27 @@ class Worker:
             self.troubled = False
             log.info("redis works again")
 
+    def until_redis_takes(self, step: Callable[[], T]) -> T:
+        """Run a Redis step until Redis takes it: a result is never dropped for an outage or
+        a refusal."""
+        delay = 0.0
+        while True:
+            try:
+                result = step()
+                self.redis_works()
+                return result
+            except REDIS_ERRORS as exc:
+                delay = self.retry_delay(exc, delay)
+                time.sleep(delay)
+
     # -- running a job -------------------------------------------------------------------------
 
-    def outcome(self, job: Job, ok: bool, value: str) -> tuple[str, str, str, float]:
+    def outcome(self, job: Job, tried: Tried | RetryLater) -> tuple[str, str, str, float]:
         """(outcome, result, error, due) of a try, as finish() takes them, and the log line."""
+        if isinstance(tried, RetryLater):
+            log.info("job %s: %s", job.id, tried)
+            return "later", "", str(tried), time.time() + tried.seconds
+        ok, value = tried
         if ok:
             log.info("job %s: done", job.id)
             return "done", value, "", 0.0
@@ -504,178 +537,77 @@ class Worker:
             raise TypeError(f"handler returned {type(result).__name__}, not str")
         return result
 
-    def run_handler(self, slot: Slot, job: Job) -> tuple[bool, str]:
-        """Call a plain handler on this (the slot's) thread: (True, result) or (False, error)."""
+    def call_handler(self, slot: Slot, job: Job) -> Tried | RetryLater:
+        """Run the handler on the job, up to the timeout: a plain one on this (the slot's)
+        thread, an async one awaited on the worker's event loop. The only place where the
+        kind of handler matters."""
         slot.begin(job, self.timeout)
         try:
-            return True, self.checked(self.handler(job.input))
+            if self.loop is None:
+                return True, self.checked(self.handler(job.input))
+            return asyncio.run_coroutine_threadsafe(self.await_handler(slot, job),
+                                                    self.loop).result()
         except Interrupted:
             return False, slot.why
+        except RetryLater as later:
+            return later
         except Exception as exc:  # the handler's failure is the job's, not the worker's
             return False, f"{type(exc).__name__}: {exc}"
         finally:
             slot.end()
 
-    def until_redis_takes(self, step: Callable[[], T], slot: Slot | None = None) -> T:
-        """Run a Redis step until Redis takes it: a result is never dropped for an outage or
-        a refusal."""
-        delay = 0.0
-        while True:
-            try:
-                result = step()
-                self.redis_works()
-                return result
-            except REDIS_ERRORS as exc:
-                if slot is not None:  # a lost reply may have taken a job: take none until the
-                    slot.next_maintain = 0.0  # slot's strays are back
-                delay = self.retry_delay(exc, delay)
-                time.sleep(delay)
+    async def await_handler(self, slot: Slot, job: Job) -> Tried | RetryLater:
+        """On the event loop: await an async handler in a task of its own, which interrupt()
+        cancels (only while the handler is awaited, as asyncio.timeout does)."""
+        task = cast(asyncio.Task[Any], asyncio.current_task())
+        with slot.lock:
+            if slot.interrupted:  # before it began
+                return False, slot.why
+            slot.task = task
+        try:
+            async with asyncio.timeout(self.timeout or None) as limit:
+                return True, self.checked(await cast(Awaitable[str], self.handler(job.input)))
+        except asyncio.CancelledError:  # interrupted: nothing else cancels this task
+            task.uncancel()
+            return False, slot.why
+        except TimeoutError:
+            if limit.expired():
+                return False, self.timed_out
+            raise
 
     def process(self, slot: Slot, job: Job) -> Job | None:
         """Run one job to its outcome; return the slot's next one if finishing took it."""
         try:
-            ok, value = self.run_handler(slot, job)
+            tried = self.call_handler(slot, job)
         except Interrupted:  # raised as the handler ended, before it could be withdrawn
             slot.end()
-            ok, value = False, slot.why
-        outcome, ran = self.outcome(job, ok, value), time.monotonic() - slot.began
-        return self.until_redis_takes(lambda: self.finish(slot, job, *outcome, ran=ran), slot)
+            tried = False, slot.why
+        outcome, ran = self.outcome(job, tried), time.monotonic() - slot.began
+        return self.until_redis_takes(lambda: self.finish(slot, job, *outcome, ran=ran))
 
     def work(self, slot: Slot) -> None:
-        """Thread: the slot's loop, until the worker stops. Between jobs, its reclaim round when
-        due; then take jobs and run them back to back for as long as finishing one takes the
-        next."""
-        slot.thread_id = threading.get_ident()
-        try:
-            self.work_until_stopped(slot)
-        finally:
-            slot.stopped.set()
-
-    def work_until_stopped(self, slot: Slot) -> None:
+        """Thread: the slot's loop, until the worker stops: take a job and run jobs back to
+        back for as long as finishing one takes the next; with none to start, wait until one
+        may."""
+        slot.thread_id, slot.loop = threading.get_ident(), self.loop
         delay = 0.0
-        while not self.stopping:
-            try:
-                if time.monotonic() >= slot.next_maintain:
-                    # holding no job: anything in its list is a stray
-                    self.reclaim(slot.name, keys=slot.keys, scan=False)
-                    slot.next_maintain = time.monotonic() + MAINTAIN_EVERY
-                job = self.take(slot)
-                while job is not None:
-                    job = self.process(slot, job)
-                self.redis_works()
-                delay = 0.0
-            except REDIS_ERRORS as exc:  # unreachable, or refusing: full, READONLY, ...
-                slot.next_maintain = 0.0  # a job taken but not started is put back first
-                delay = self.retry_delay(exc, delay)
-                time.sleep(delay)
-            except Interrupted:  # not raised in a handler: put back whatever it interrupted
-                slot.end()
-                slot.next_maintain = 0.0
-
-    # -- async handlers: the same loop, as tasks on one event loop -----------------------------
-
-    async def work_async(self, slot: Slot, client: AsyncClient, nodes: Nodes) -> None:
-        """Task: work() for an async handler, with the asyncio client."""
-        slot.loop = asyncio.get_running_loop()
         try:
-            await self.work_async_until_stopped(slot, client, nodes)
-        finally:
-            slot.stopped.set()
-
-    async def work_async_until_stopped(self, slot: Slot, client: AsyncClient,
-                                       nodes: Nodes) -> None:
-        start = client.register_script(START)
-        finish_take = client.register_script(WRITES + FINISH)
-        finish = client.register_script(ALLOW_OOM + FINISH)
-        reclaim = client.register_script(RECLAIM)
-
-        async def take() -> Job | None:
-            taken = await client.blmove(slot.keys.queue, slot.processing, BLOCK, "RIGHT",
-                                        "LEFT")
-            if taken is None:
-                return None
-            return Job.started(await start(keys=[slot.processing],
-                                           args=self.start_args(taken, slot.keys)))
-
-        async def record(job: Job, outcome: tuple[str, str, str, float],
-                         ran: float) -> Job | None:
-            keys, args = self.finish_call(slot, job, *outcome, ran)
-            chain = self.may_chain(slot)
-            try:
-                held, taken = await replicated(job, finish_take if chain else finish, keys,
-                                               args(chain))
-            except redis.exceptions.OutOfMemoryError:
-                held, taken = await replicated(job, finish, keys, args(False))
-            return self.finished(job, held, taken)
-
-        async def replicated(job: Job, script: AsyncScript, keys: list[str],
-                             args: list[str | int | float]) -> Any:
-            if not self.min_replicas:
-                return await script(keys=keys, args=args)
-            reply, acked = await nodes.run_and_wait(script, keys, args, self.min_replicas)
-            self.confirmed(job, acked)
-            return reply
-
-        async def until_recorded(job: Job, outcome: tuple[str, str, str, float],
-                                 ran: float) -> Job | None:
-            delay = 0.0
-            while True:
+            while not self.stopping:
                 try:
-                    taken = await record(job, outcome, ran)
+                    job = self.take(slot)
+                    if job is None:
+                        self.wait_for_work(slot)
+                    while job is not None:
+                        job = self.process(slot, job)
                     self.redis_works()
-                    return taken
-                except REDIS_ERRORS as exc:
-                    slot.next_maintain = 0.0
+                    delay = 0.0
+                except REDIS_ERRORS as exc:  # unreachable, or refusing: full, READONLY, ...
                     delay = self.retry_delay(exc, delay)
-                    await asyncio.sleep(delay)
-
-        delay = 0.0
-        while not self.stopping:
-            try:
-                if time.monotonic() >= slot.next_maintain:
-                    self.reclaimed(*await reclaim(keys=[slot.keys.queue],
-                                                  args=self.reclaim_args((slot.name,), None,
-                                                                         False, keys=slot.keys)))
-                    slot.next_maintain = time.monotonic() + MAINTAIN_EVERY
-                job = await take()
-                while job is not None:
-                    outcome = self.outcome(job, *await self.run_async_handler(slot, job))
-                    job = await until_recorded(job, outcome, time.monotonic() - slot.began)
-                self.redis_works()
-                delay = 0.0
-            except REDIS_ERRORS as exc:
-                slot.next_maintain = 0.0
-                delay = self.retry_delay(exc, delay)
-                await asyncio.sleep(delay)
-
-    async def run_async_handler(self, slot: Slot, job: Job) -> tuple[bool, str]:
-        """Await an async handler in the slot's own task, up to the timeout: (True, result)
-        or (False, error). Like asyncio.timeout, interrupt() cancels that task, and only while
-        the handler is awaited."""
-        task = cast(asyncio.Task[Any], asyncio.current_task())
-        slot.begin(job, self.timeout, task)
-        try:
-            async with asyncio.timeout(self.timeout or None) as limit:
-                return True, self.checked(await cast(Awaitable[str], self.handler(job.input)))
-        except asyncio.CancelledError:  # interrupted: nothing else cancels a slot's task
-            task.uncancel()
-            return False, slot.why
-        except Exception as exc:  # the handler's failure is the job's, not the worker's
-            if isinstance(exc, TimeoutError) and limit.expired():
-                return False, self.timed_out
-            return False, f"{type(exc).__name__}: {exc}"
+                    time.sleep(delay)
+                except Interrupted:  # not raised in a handler: what it interrupted is redone
+                    slot.end()
         finally:
-            slot.end()
-
-    async def run_slots_async(self) -> None:
-        client = connect_async(self.redis_url, **self.client_options(),
-                               retry=redis.asyncio.retry.Retry(NoBackoff(), 0))
-        nodes = Nodes(client)
-        try:
-            await asyncio.gather(*(self.work_async(slot, client, nodes) for slot in self.slots))
-        finally:
-            await nodes.aclose()
-            await client.aclose()
+            slot.stopped.set()
 
     # -- the process ---------------------------------------------------------------------------
 
@@ -690,15 +622,17 @@ class Worker:
         log.info("worker %s: waiting for jobs on %s, %d at a time (%s handler)", self.name,
                  ", ".join(keys.queue for keys in self.queues), len(self.slots),
                  "async" if self.is_async else "plain")
-        if self.is_async:
-            asyncio.run(self.run_slots_async())
-        else:
-            threads = [threading.Thread(target=self.work, args=(slot,), name=slot.name,
-                                        daemon=True) for slot in self.slots]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+        if self.is_async:  # the loop async handlers are awaited on
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name="handlers", daemon=True).start()
+        threads = [threading.Thread(target=self.work, args=(slot,), name=slot.name, daemon=True)
+                   for slot in self.slots]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
         self._wake.set()
         keeper.join()  # so that no heartbeat re-registers the slots once they have left
         self.close()
@@ -725,7 +659,7 @@ class Worker:
         goes back to the queue)."""
         try:
             for keys in self.queues:
-                names = self.names(keys)
+                names = self.names()
                 self.reclaim(*names, keys=keys, max_attempts=0, scan=False)
                 with self.redis.pipeline(transaction=True) as pipe:
                     pipe.delete(keys.lease(self.name), keys.stop(self.name))
@@ -738,6 +672,9 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Run as a script, this module is __main__: a handler's `from worker import RetryLater`
+    # would import it again, as a second module whose RetryLater no except here catches.
+    sys.modules.setdefault("worker", sys.modules[__name__])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     whole, seconds = number(int, 1), number(float, 0)
     parser.add_argument("--redis-url", type=redis_url,

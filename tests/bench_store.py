@@ -59,7 +59,6 @@ def main() -> None:
 def measure(r: redis.Redis, url: str, redis_process: psutil.Process) -> None:
     worker = Worker(url, concurrency=1)
     slot = worker.slots[0]
-    slot.next_maintain = time.monotonic() + 3600  # no reclaim rounds
     submit = r.register_script(store.SUBMIT)
     keys = store.Keys()
     cpu0, t0 = redis_process.cpu_times(), time.perf_counter()

@@ -2,8 +2,12 @@
 
 import asyncio
 import contextlib
+import functools
+import json
 import os
 import time
+
+from worker import RetryLater
 
 
 def slow(text: str) -> str:
@@ -96,3 +100,32 @@ def nap(text: str) -> str:
     while time.monotonic() < end:
         time.sleep(0.01)
     return text
+
+
+def record(text: str) -> str:
+    """Input {"log": PATH, "name": N, "sleep": S, "later": PATH}: append "TIME start N" to the
+    log as the handler begins and "TIME end N" as it ends (time.time(); one write each, so
+    processes may share the log), sleeping S seconds between. With "later", raise
+    RetryLater(0.5) the first time (the try that creates the file PATH)."""
+    spec = json.loads(text)
+    write = functools.partial(_append, spec["log"], spec["name"])
+    write("start")
+    if later := spec.get("later"):
+        try:
+            os.close(os.open(later, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            write("later")
+            raise RetryLater(0.5)
+    time.sleep(spec.get("sleep", 0))
+    write("end")
+    return str(spec["name"])
+
+
+def _append(path: str, name: str, what: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{time.time():.6f} {what} {name}\n".encode())
+    finally:
+        os.close(fd)
