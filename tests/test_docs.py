@@ -263,6 +263,21 @@ def test_the_readme_examples_print_what_the_readme_shows(setup: Setup, tmp_path:
         run_all.kill()
 
 
+def test_every_handler_the_readme_names_loads(tmp_path: Path) -> None:
+    """Each MODULE:FUNCTION of the README's own modules loads in a worker (--check)."""
+    for name, text in modules().items():
+        (tmp_path / name).write_text(text)
+    names = {name.removesuffix(".py") for name in modules()}
+    specs = {spec for spec in re.findall(r"\b(\w+:\w+)\b", README.read_text())
+             if spec.split(":")[0] in names}
+    assert specs, "the README names none of its handlers"
+    for spec in sorted(specs):
+        checked = subprocess.run([sys.executable, "worker.py", "--handler", spec, "--check"],
+                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                                 capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, f"{spec}: {checked.stderr}"
+
+
 def test_the_quick_start_tests_with_the_command_ci_runs() -> None:
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     command = ci[ci.index("# The README's test command, verbatim:") + 1]
