@@ -9,6 +9,8 @@
 - The quick start's test command is the one `.ci/run` runs (the run command's `./run_all.sh`
   is run above; its `pip install .` is the test command's `pip install '.[test]'` less the
   extra, which CI runs).
+- A `console` block of a docs page is run as it is, with no system started (a bad setting's
+  error, say), and must print what the page shows.
 - docs/settings.md lists every flag, variable and default that each program's `--help` (and
   `run_all.sh`'s own code) has, and nothing they do not.
 - Every relative link and #anchor in README.md, CHANGELOG.md and docs/ resolves.
@@ -261,6 +263,17 @@ def test_the_readme_examples_print_what_the_readme_shows(setup: Setup, tmp_path:
         assert run_all.finish() == 0, run_all.output()
     finally:
         run_all.kill()
+
+
+@pytest.mark.parametrize("page", PAGES[2:], ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_transcripts_of_docs_pages_print_what_they_show(page: Path) -> None:
+    """A docs page's console blocks need no running system (a bad setting, say): each runs as
+    it is, and prints what the page shows."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JOBS_TOKEN", "PORT")}
+    for block in blocks(page):
+        if block.lang == "console":
+            for step in transcript(block):
+                run_step(step, 8080, {}, env)
 
 
 def test_every_handler_the_readme_names_loads(tmp_path: Path) -> None:
