@@ -9,6 +9,11 @@
     python client.py --cancel ID                 # cancels a queued, delayed or running job
     python client.py --stats                     # counts, workers and Redis memory, a few lines
     python client.py --queue emails "hi"         # the job goes to (and is followed in) a queue
+    python client.py --priority 8 --group acme "x"  # starts before priority 5; acme shares fairly
+    python client.py --queues                    # every queue: length, running, paused, limits
+    python client.py --queue emails --concurrency 4 --rate-limit 10/1   # a queue's limits
+    python client.py --queue emails --group-concurrency none            # none: no such limit
+    python client.py --queue emails --pause      # starts nothing until --resume (still queues)
     JOBS_TOKEN=secret python client.py "hi"      # a server started with a token needs it
 
 Progress goes to stderr, the result to stdout. The client follows the job over the WebSocket;
@@ -18,18 +23,23 @@ Exit status: 0 done (or: cancel accepted, list and stats printed), 1 failed or c
 (130: Ctrl+C, which leaves the job as it is). A cancelled job exits 1 like a failed one: either
 way it gave no result, and stderr says which.
 
-As a library, two plain functions that print nothing and return the job as a dict:
+As a library, plain functions that print nothing and return the job (or queue) as a dict:
 
     import client
-    job = client.submit("hello world", server="http://127.0.0.1:8080")
+    job = client.submit("hello world", server="http://127.0.0.1:8080", priority=7, group="acme")
     job = client.wait(job["id"], timeout=30)   # job["status"]: "done", "failed" or "cancelled"
     print(job["result"])
+    client.set_queue("default", concurrency=4, rate_limit={"jobs": 10, "per": 1})  # None removes
+    client.pause("default"); client.resume("default")
+    client.queues()                            # [{"name", "length", "running", "paused", ...}]
+    client.queue("default")["settings"]        # {"rate_limit": {"jobs": 10, "per": 1}, ...}
 
 They raise `TimeoutError` when the job has not ended in time, and `ServerError` when the server
-cannot be reached or refuses (`.status`: the HTTP status or None; `.error`: the server's text),
-`TokenNeeded` (a `ServerError`) on a 401. With `token=None` they send the token in the
-environment variable JOBS_TOKEN, if set, as the command line does. Progress is logged at INFO
-on this module's logger. From async code, use the async pieces they are made of:
+cannot be reached or refuses (a bad priority, group or limit: 400) (`.status`: the HTTP status
+or None; `.error`: the server's text), `TokenNeeded` (a `ServerError`) on a 401. With
+`token=None` they send the token in the environment variable JOBS_TOKEN, if set, as the
+command line does. Progress is logged at INFO on this module's logger. From async code, use
+the async pieces they are made of:
 `async with open_session(token) as s: job = await wait_for_end(s, server, job_id)`.
 """
 
@@ -44,8 +54,9 @@ import os
 import re
 import sys
 import urllib.parse
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -57,9 +68,15 @@ DONE, FAILED, ERROR, TIMED_OUT = 0, 1, 2, 3  # exit status; a cancelled job exit
 RECONNECT_CAP = 2.0  # seconds between reconnection tries at most
 PAGE = 500  # most jobs GET /jobs gives at once
 PREVIEW = 40  # characters of a job's input that --list shows
+PRIORITIES = range(1, 10)  # a job's priority: higher starts first
+DEFAULT_PRIORITY = 5
+GROUP_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+LIMITS = ("rate_limit", "concurrency", "group_rate_limit", "group_concurrency")  # of a queue
 
 log = logging.getLogger(__name__)
 Job = dict[str, Any]
+Queue = dict[str, Any]  # as GET /queues/NAME gives it: name, length, running, paused, settings
+T = TypeVar("T")
 
 
 class ServerError(Exception):
@@ -120,6 +137,48 @@ def queue_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a queue name (a-z, 0-9, _ and -, "
                                          f"1 to 64 characters)")
     return text
+
+
+def priority(text: str) -> int:
+    """An argparse type: a job's priority, a whole number from 1 to 9."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value not in PRIORITIES:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (1 to 9; higher starts first)")
+    return value
+
+
+def group_name(text: str) -> str:
+    """An argparse type: a job's group."""
+    if not GROUP_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a group name (A-Z, a-z, 0-9, _ . : "
+                                         f"and -, 1 to 128 characters)")
+    return text
+
+
+def none_or(kind: Callable[[str], T]) -> Callable[[str], T | None]:
+    """An argparse type: `none` (the limit is removed), or what kind takes."""
+    def convert(text: str) -> T | None:
+        return None if text == "none" else kind(text)
+    return convert
+
+
+def rate(text: str) -> dict[str, int | float]:
+    """An argparse type: a rate limit, J/S: at most J jobs start in any S seconds."""
+    jobs, slash, per = text.partition("/")
+    try:
+        value = {"jobs": int(jobs), "per": float(per)}
+    except ValueError:
+        value = {}
+    if not slash or not value or not math.isfinite(value["per"]) or value["jobs"] < 1 \
+            or value["per"] <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JOBS/SECONDS (like 10/60: at most 10 "
+                                         f"jobs start in any 60 s; both more than 0), or none")
+    if value["per"].is_integer():  # 60, not 60.0, in the request
+        value["per"] = int(value["per"])
+    return value
 
 
 def whole(text: str) -> int:
@@ -183,11 +242,27 @@ def on(queue: str, **params: str) -> dict[str, str]:
 
 
 async def submit_job(session: aiohttp.ClientSession, server: str, text: str,
-                     delay: float | None = None, queue: str = DEFAULT_QUEUE) -> Job:
+                     delay: float | None = None, queue: str = DEFAULT_QUEUE,
+                     priority: int | None = None, group: str | None = None) -> Job:
     body: dict[str, Any] = {"input": text} if delay is None else {"input": text, "delay": delay}
-    if queue != DEFAULT_QUEUE:
-        body["queue"] = queue
+    for name, value in (("queue", None if queue == DEFAULT_QUEUE else queue),
+                        ("priority", priority), ("group", group)):
+        if value is not None:
+            body[name] = value
     return await request_json(session, "POST", f"{server}/submit", json=body)
+
+
+def queue_url(server: str, name: str, action: str = "") -> str:
+    return f"{server}/queues/{urllib.parse.quote(name, safe='')}" + (f"/{action}" if action else "")
+
+
+async def queue_request(session: aiohttp.ClientSession, server: str, name: str,
+                        action: str = "", settings: dict[str, Any] | None = None) -> Queue:
+    """GET a queue (no action, no settings), PUT its settings, or POST pause or resume."""
+    if settings is not None:
+        return await request_json(session, "PUT", queue_url(server, name), json=settings)
+    method = "POST" if action else "GET"
+    return await request_json(session, method, queue_url(server, name, action))
 
 
 async def follow(session: aiohttp.ClientSession, server: str, job_id: str,
@@ -247,17 +322,75 @@ def too_late(timeout: float, job_id: str) -> TimeoutError:
 
 
 def submit(text: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
-           delay: float | None = None, queue: str = DEFAULT_QUEUE) -> Job:
+           delay: float | None = None, queue: str = DEFAULT_QUEUE, priority: int | None = None,
+           group: str | None = None) -> Job:
     """Submit a job (POST /submit) and return it as the server stored it: `status` "queued",
-    or "delayed" with `run_at` when `delay` (seconds, at least 0) is given.
+    or "delayed" with `run_at` when `delay` (seconds, at least 0) is given. `priority`: 1 to 9,
+    higher starts first (None: the server's default, 5); `group`: jobs of one group share the
+    queue fairly with other groups, and a queue's group limits count each group on its own.
 
     token: sent as `Authorization: Bearer <token>`; None: the environment variable JOBS_TOKEN
     if set, else none. Raises ServerError (TokenNeeded on a 401) if the server cannot be
-    reached or refuses (a 400 for a bad delay), ValueError for an empty token."""
+    reached or refuses (a 400 for a bad delay, priority or group), ValueError for an empty
+    token."""
     async def go() -> Job:
         async with open_session(token) as s:
-            return await submit_job(s, server.rstrip("/"), text, delay, queue)
+            return await submit_job(s, server.rstrip("/"), text, delay, queue, priority, group)
     return asyncio.run(go())
+
+
+def queue_call(name: str, server: str, token: str | None, action: str = "",
+               settings: dict[str, Any] | None = None) -> Queue:
+    async def go() -> Queue:
+        async with open_session(token) as s:
+            return await queue_request(s, server.rstrip("/"), name, action, settings)
+    return asyncio.run(go())
+
+
+def queues(*, server: str = DEFAULT_SERVER, token: str | None = None) -> list[Queue]:
+    """Every queue (GET /queues), by name: each a dict with `name`, `length` (jobs queued),
+    `running`, `paused`, `held_back` (queued jobs a pause or a limit holds back now) and
+    `settings` (see set_queue). Raises ServerError as `submit` does."""
+    async def go() -> list[Queue]:
+        async with open_session(token) as s:
+            reply = await request_json(s, "GET", f"{server.rstrip('/')}/queues")
+            return list(reply["queues"])
+    return asyncio.run(go())
+
+
+def queue(name: str, *, server: str = DEFAULT_SERVER, token: str | None = None) -> Queue:
+    """One queue (GET /queues/NAME), as `queues` gives each. ServerError 404: never used."""
+    return queue_call(name, server, token)
+
+
+def set_queue(name: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
+              **settings: Any) -> Queue:
+    """Change a queue's limits (PUT /queues/NAME), those named and no others; the queue after.
+
+        set_queue("emails", rate_limit={"jobs": 10, "per": 60}, concurrency=4,
+                  group_rate_limit={"jobs": 1, "per": 1}, group_concurrency=None)
+
+    rate_limit: at most `jobs` of the queue start in any `per` seconds (also a (jobs, per)
+    tuple); concurrency: at most that many run at once, over all workers; group_rate_limit and
+    group_concurrency: the same for each group on its own. None removes a limit. Raises
+    ServerError 400 for a bad value (nothing is changed then), TypeError for an unknown name."""
+    if unknown := set(settings) - set(LIMITS):
+        raise TypeError(f"set_queue() got unknown settings: {', '.join(sorted(unknown))} "
+                        f"(it takes {', '.join(LIMITS)})")
+    body = {name: {"jobs": value[0], "per": value[1]} if isinstance(value, tuple) else value
+            for name, value in settings.items()}
+    return queue_call(name, server, token, settings=body)
+
+
+def pause(name: str, *, server: str = DEFAULT_SERVER, token: str | None = None) -> Queue:
+    """Pause a queue (POST /queues/NAME/pause): it takes submits but starts none of its jobs
+    until `resume`; those running finish. The queue after."""
+    return queue_call(name, server, token, "pause")
+
+
+def resume(name: str, *, server: str = DEFAULT_SERVER, token: str | None = None) -> Queue:
+    """Start a paused queue's jobs again (POST /queues/NAME/resume). The queue after."""
+    return queue_call(name, server, token, "resume")
 
 
 def wait(job_id: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
@@ -331,6 +464,25 @@ async def list_jobs(session: aiohttp.ClientSession, server: str, status: str,
     return DONE
 
 
+def limits(settings: dict[str, Any]) -> str:
+    """A queue's limits in a few words, as --queues prints them."""
+    said = []
+    for name in LIMITS:
+        value, what = settings.get(name), name.replace("_", " ")
+        if isinstance(value, dict):
+            said.append(f"{what.removesuffix(' limit')} {value['jobs']}/{value['per']:g}s")
+        elif value is not None:
+            said.append(f"{what} {value}")
+    return ", ".join(said) or "no limits"
+
+
+def queue_line(queue: Queue) -> str:
+    """One queue of --queues: name, paused or not, lengths, limits."""
+    return (f"{queue['name']:<16} {'paused' if queue.get('paused') else 'active':<6}  "
+            f"{queue.get('length', 0)} queued, {queue.get('running', 0)} running, "
+            f"{queue.get('held_back', 0)} held back;  {limits(queue.get('settings', {}))}")
+
+
 def summary(stats: dict[str, Any]) -> list[str]:
     """GET /stats in a few lines for a person (the JSON is one curl away)."""
     jobs, totals, workers = stats.get("jobs", {}), stats.get("totals", {}), stats.get("workers", [])
@@ -342,7 +494,8 @@ def summary(stats: dict[str, Any]) -> list[str]:
         "jobs       " + "  ".join(f"{state} {jobs.get(state, 0)}" for state in STATES),
         f"queue      {stats.get('queue_length', 0)} waiting"
         f" (oldest {'-' if age is None else f'{age:.0f}s'}), {stats.get('delayed', 0)} delayed,"
-        f" {stats.get('dead_letter', 0)} dead-lettered",
+        f" {stats.get('dead_letter', 0)} dead-lettered, {stats.get('held_back', 0)} held back"
+        + (" (paused)" if stats.get("paused") else ""),
         "totals     " + "  ".join(f"{name} {n}" for name, n in totals.items()),
         f"last hour  {sum(m.get('done', 0) for m in hour)} done,"
         f" {sum(m.get('failed', 0) for m in hour)} failed",
@@ -375,9 +528,19 @@ async def act(session: aiohttp.ClientSession, server: str, args: argparse.Namesp
         return DONE
     if args.cancel:
         return await cancel(session, server, args.cancel, args.queue)
+    if args.queues:
+        for queue in (await request_json(session, "GET", f"{server}/queues"))["queues"]:
+            print(queue_line(queue), flush=True)
+        return DONE
+    if args.pause or args.resume or args.settings:
+        action = "pause" if args.pause else "resume" if args.resume else ""
+        print(queue_line(await queue_request(session, server, args.queue, action,
+                                             args.settings or None)), flush=True)
+        return DONE
     job_id, timeout = args.watch, args.timeout
     if args.text is not None:
-        job_id = (await submit_job(session, server, args.text, args.delay, args.queue))["id"]
+        job_id = (await submit_job(session, server, args.text, args.delay, args.queue,
+                                   args.priority, args.group))["id"]
         timeout += args.delay or 0
     elif args.retry:
         job_id = (await request_json(session, "POST", job_url(server, args.retry, "retry"),
@@ -416,9 +579,9 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="exit status: 0 done (--cancel: accepted; --list, --stats: printed), 1 failed or "
-               "cancelled, 2 usage or connection error or refused by the server (401: a token "
-               "is needed), 3 timed out")
+        epilog="exit status: 0 done (--cancel, --pause, --resume, limits: accepted; --list, "
+               "--stats, --queues: printed), 1 failed or cancelled, 2 usage or connection error "
+               "or refused by the server (401: a token is needed; 400: a bad value), 3 timed out")
     server = os.environ.get("JOBS_SERVER", DEFAULT_SERVER)
     token = os.environ.get("JOBS_TOKEN")
     for name, check, value in (("JOBS_SERVER", server_url, server),
@@ -429,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         except argparse.ArgumentTypeError as exc:
             shown = "" if name == "JOBS_TOKEN" else f"={value!r}"  # a secret is never shown
             parser.exit(2, f"{parser.prog}: error: environment variable {name}{shown}: {exc}\n")
-    what = parser.add_mutually_exclusive_group(required=True)
+    what = parser.add_mutually_exclusive_group()
     what.add_argument("text", nargs="?", metavar="TEXT", help="the input of a job to submit")
     what.add_argument("--watch", metavar="ID",
                       help="follow an existing job instead of submitting one")
@@ -443,6 +606,28 @@ def main(argv: list[str] | None = None) -> int:
                            "within about a second)")
     what.add_argument("--stats", action="store_true",
                       help="print the server's counts, workers and Redis memory in a few lines")
+    what.add_argument("--queues", action="store_true",
+                      help="print every queue, one line each: paused or active, jobs queued, "
+                           "running and held back (by a pause or a limit), its limits")
+    what.add_argument("--pause", action="store_true",
+                      help="pause the --queue: it still takes submits, but starts none of its "
+                           "jobs until --resume (those running finish); prints the queue")
+    what.add_argument("--resume", action="store_true",
+                      help="start the paused --queue's jobs again; prints the queue")
+    # A queue's limits, kept in Redis for every worker and server: given alone (with --queue),
+    # those named change and the others stay.
+    for flag, kind, metavar, text in (
+            ("--rate-limit", rate, "J/S", "at most J jobs of the --queue start in any S seconds "
+                                          "(like 10/60)"),
+            ("--concurrency", whole, "C", "at most C jobs of the --queue run at once, over all "
+                                          "workers"),
+            ("--group-rate-limit", rate, "J/S", "at most J jobs of each group of the --queue "
+                                                "start in any S seconds"),
+            ("--group-concurrency", whole, "C", "at most C jobs of each group of the --queue run "
+                                                "at once")):
+        parser.add_argument(flag, type=none_or(kind), metavar=metavar, default=argparse.SUPPRESS,
+                            help=f"{text}; none removes it. Given alone, the queue's other "
+                                 f"limits stay; prints the queue")
     parser.add_argument("--server", type=server_url, default=server,
                         help="server URL (env JOBS_SERVER; default %(default)s)")
     parser.add_argument("--token", type=token_text, default=token,
@@ -452,17 +637,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait for the job to end, after its --delay "
                              "(default %(default)s)")
     parser.add_argument("--queue", type=queue_name, default=DEFAULT_QUEUE, metavar="NAME",
-                        help="the queue of the job(s): a-z, 0-9, _ and -, 1 to 64 characters "
+                        help="the queue of the job(s), of --stats, and the one --pause, --resume "
+                             "and the limits change: a-z, 0-9, _ and -, 1 to 64 characters "
                              "(default %(default)s)")
     parser.add_argument("--delay", type=delay, metavar="SECONDS",
                         help="with TEXT: run the job SECONDS from now (status delayed until)")
+    parser.add_argument("--priority", type=priority, metavar="N",
+                        help=f"with TEXT: the job's priority, 1 to 9: a higher one starts "
+                             f"first (default {DEFAULT_PRIORITY})")
+    parser.add_argument("--group", type=group_name, metavar="NAME",
+                        help="with TEXT: the job's group (A-Z, a-z, 0-9, _ . : and -, 1 to 128 "
+                             "characters): groups take turns, and the group limits count each "
+                             "on its own")
     parser.add_argument("--no-wait", action="store_true",
                         help="with TEXT or --retry: print the job id and exit")
     parser.add_argument("--limit", type=whole, metavar="N",
                         help="with --list: how many jobs at most (default 50)")
     args = parser.parse_args(argv)
-    if args.delay is not None and args.text is None:
-        parser.error("--delay goes with TEXT")
+    args.settings = {name: getattr(args, name) for name in LIMITS if hasattr(args, name)}
+    actions = ("text", "watch", "list", "retry", "cancel", "stats", "queues", "pause", "resume")
+    if args.settings and any(getattr(args, name) not in (None, False) for name in actions):
+        parser.error("the limits (--rate-limit, --concurrency, --group-rate-limit, "
+                     "--group-concurrency) go alone, with --queue")
+    if not args.settings and all(getattr(args, name) in (None, False) for name in actions):
+        parser.error("give TEXT, or one of --watch --list --retry --cancel --stats --queues "
+                     "--pause --resume, or limits to set")
+    for name in ("delay", "priority", "group"):
+        if getattr(args, name) is not None and args.text is None:
+            parser.error(f"--{name} goes with TEXT")
     if args.no_wait and args.text is None and args.retry is None:
         parser.error("--no-wait goes with TEXT or --retry")
     if args.limit is not None and args.list is None:

@@ -3,10 +3,13 @@
     python server.py [--host HOST] [--port PORT] [--redis-url URL] [--token-file FILE]
 
 POST /submit {"input": "..."} stores a job and queues it in one step (also later: "delay" or
-"run_at"; or many: "inputs"); GET /status?id=ID reads it; GET /ws?id=ID (WebSocket) and GET
+"run_at"; or many: "inputs"; a "priority" from 1 to 9, higher first; a "group" that shares the
+queue fairly with the others); GET /status?id=ID reads it; GET /ws?id=ID (WebSocket) and GET
 /events?id=ID (Server-Sent Events) send the job's current state, then each change, and close
 once it has ended; GET /healthz says whether Redis answers. For operators: GET /jobs lists a
-state's jobs, POST /jobs/ID/cancel and /jobs/ID/retry steer one, GET /stats and /metrics
+state's jobs, POST /jobs/ID/cancel and /jobs/ID/retry steer one, GET /queues lists the queues,
+PUT /queues/NAME sets a queue's limits (rate, concurrency, and each group's), POST
+/queues/NAME/pause and /resume stop and restart its starts, GET /stats and /metrics
 (Prometheus) count, and GET / is a live dashboard fed by GET /feed. With a token set, every
 request but /healthz and the dashboard's files must carry it. Every error is JSON: {"error":
 "..."}. The server holds one pub/sub subscription per queue (sharded: on a Redis Cluster, on
@@ -45,15 +48,20 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 from store import (
     CANCEL,
+    DEFAULT_PRIORITY,
     DEFAULT_QUEUE,
+    GROUP_NAME,
     LIST,
     MAX_BULK,
     PREFIX,
+    PRIORITIES,
+    QUEUE,
     QUEUE_NAME,
     REDIS_ERRORS,
     RETENTION,
     RETRY,
     RUNTIME_BUCKETS,
+    SETTINGS,
     STATES,
     STATS,
     SUBMIT,
@@ -72,6 +80,8 @@ from store import (
     redis_said,
     redis_url,
     rfc3339,
+    settings_fields,
+    settings_of,
 )
 
 log = logging.getLogger("server")
@@ -330,7 +340,7 @@ class Hub:
                 await self.nodes.refresh(exc)
             finally:
                 if pubsub is not None:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
 
     async def stop(self) -> None:
         for task in list(self.listeners.values()):
@@ -344,8 +354,9 @@ class Scripts:
     """The store's scripts the server runs, registered with its client."""
 
     def __init__(self, redis: AsyncClient) -> None:
-        self.submit, self.writable, self.cancel, self.retry, self.list, self.stats = (
-            redis.register_script(s) for s in (SUBMIT, WRITABLE, CANCEL, RETRY, LIST, STATS))
+        (self.submit, self.writable, self.cancel, self.retry, self.list, self.stats,
+         self.settings, self.queue) = (redis.register_script(s) for s in (
+            SUBMIT, WRITABLE, CANCEL, RETRY, LIST, STATS, SETTINGS, QUEUE))
 
 
 class Pinger:
@@ -462,24 +473,43 @@ async def json_errors(
                                  status=500)
 
 
-def new_jobs(texts: list[str], due: float | None = None,
-             queue: str = DEFAULT_QUEUE) -> list[dict[str, str | int]]:
-    """Jobs as first stored: every field there, queued (or delayed until `due`), version 1."""
+def new_jobs(texts: list[str], due: float | None = None, queue: str = DEFAULT_QUEUE,
+             priority: int = DEFAULT_PRIORITY, group: str | None = None
+             ) -> list[dict[str, str | int]]:
+    """Jobs as first stored: every field there, queued (or delayed until `due`), version 1;
+    `group` only when they have one."""
     created = now()
     fields: dict[str, str | int] = {
         "queue": queue, "status": "queued" if due is None else "delayed", "result": "",
-        "error": "", "attempts": 0, "created": created, "updated": created, "version": 1}
+        "error": "", "attempts": 0, "created": created, "updated": created, "version": 1,
+        "priority": priority}
+    if group is not None:
+        fields["group"] = group
     if due is not None:
         fields["run_at"] = rfc3339(due)
     return [{"id": uuid.uuid4().hex, "input": text, **fields} for text in texts]
 
 
+def shown(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the API shows it (a hash from Redis, or as new_jobs made it): its numbers as
+    numbers, and last its `priority` (5 for a job stored before priorities) and `group` (null
+    when it has none)."""
+    rest = {name: value for name, value in job.items() if name not in ("priority", "group")}
+    return rest | {"attempts": int(job.get("attempts", 0)), "version": int(job.get("version", 0)),
+                   "priority": int(job.get("priority", DEFAULT_PRIORITY)),
+                   "group": job.get("group") or None}
+
+
 def submit_args(prefix: str, retention: int, jobs: list[dict[str, str | int]],
-                due: float | None) -> list[str | int | float]:
-    """The SUBMIT script's arguments for these jobs (made by new_jobs with the same due)."""
+                due: float | None, expires: float | None = None,
+                idempotency: tuple[str, str, int] = ("", "", 0)) -> list[str | int | float]:
+    """The SUBMIT script's arguments for these jobs (made by new_jobs with the same due):
+    `expires` the unix time by which they must have started; `idempotency` the digest of the
+    client's key ("" for none), the digest of the request, and how long to keep the key."""
     shared = [item for name, value in jobs[0].items() if name not in ("id", "input")
               for item in (name, value)]
-    return [prefix, now(), retention, "" if due is None else due, len(shared) // 2, *shared,
+    return [prefix, now(), retention, "" if due is None else due,
+            "" if expires is None else expires, *idempotency, len(shared) // 2, *shared,
             *(item for job in jobs for item in (job["id"], job["input"]))]
 
 
@@ -525,6 +555,27 @@ def texts_of(data: dict[str, object]) -> list[str]:
     return texts  # type: ignore[return-value]  # checked above
 
 
+def priority_of(data: dict[str, object]) -> int:
+    """A submit's "priority": a whole number from 1 to 9 (higher starts first), 5 if none."""
+    priority = data.get("priority")
+    if priority is None:
+        return DEFAULT_PRIORITY
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in PRIORITIES:
+        raise error(web.HTTPBadRequest, f'"priority" must be a whole number from '
+                                        f'{PRIORITIES[0]} to {PRIORITIES[-1]} (higher starts '
+                                        f'first; default {DEFAULT_PRIORITY})')
+    return priority
+
+
+def group_of(data: dict[str, object]) -> str | None:
+    """A submit's "group": 1 to 128 characters A-Z, a-z, 0-9, _ . : and -; None if none."""
+    group = data.get("group")
+    if group is not None and not (isinstance(group, str) and GROUP_NAME.fullmatch(group)):
+        raise error(web.HTTPBadRequest, '"group" must be 1 to 128 characters A-Z, a-z, 0-9, '
+                                        '_ . : and -')
+    return group
+
+
 def due_of(data: dict[str, object]) -> float | None:
     """When a submit wants its jobs to run (unix time), if later: "delay" seconds from now,
     or "run_at" an RFC 3339 time with an offset."""
@@ -554,7 +605,8 @@ def due_of(data: dict[str, object]) -> float | None:
     return None
 
 
-async def submit(request: web.Request) -> web.Response:
+async def object_of(request: web.Request, example: str) -> dict[str, Any]:
+    """A request's body: a JSON object (else 400, saying what to send: `example`)."""
     size, limit = request.content_length or 0, request.client_max_size
     if size > limit:  # refused unread; json_errors words it like the 413 of read() below
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
@@ -562,11 +614,16 @@ async def submit(request: web.Request) -> web.Response:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        raise error(web.HTTPBadRequest, 'body is not valid JSON; send {"input": "..."}') from None
+        raise error(web.HTTPBadRequest, f"body is not valid JSON; send {example}") from None
     if not isinstance(data, dict):
-        raise error(web.HTTPBadRequest, 'body must be a JSON object: {"input": "..."}')
+        raise error(web.HTTPBadRequest, f"body must be a JSON object: {example}")
+    return data
+
+
+async def submit(request: web.Request) -> web.Response:
+    data = await object_of(request, '{"input": "..."}')
     texts, due, keys = texts_of(data), due_of(data), queue_of(request, data.get("queue"))
-    jobs = new_jobs(texts, due, keys.name)
+    jobs = new_jobs(texts, due, keys.name, priority_of(data), group_of(data))
     args = submit_args(keys.prefix, request.app[RETENTION_S], jobs, due)
     await request.app[HUB].register(keys)
     if not (wanted := request.app[MIN_REPLICAS]):
@@ -580,9 +637,9 @@ async def submit(request: web.Request) -> web.Response:
                         f"{WAIT_MS} ms, so it is not accepted: a failover could lose it. It may "
                         f"still run; submit again (it may then run twice) or check its status")
     if "inputs" in data:
-        return web.json_response({"jobs": jobs}, status=201)
+        return web.json_response({"jobs": [shown(job) for job in jobs]}, status=201)
     where = f"/status?id={jobs[0]['id']}" + (f"&queue={keys.name}" if data.get("queue") else "")
-    return web.json_response(jobs[0], status=201, headers={"Location": where})
+    return web.json_response(shown(jobs[0]), status=201, headers={"Location": where})
 
 
 async def status(request: web.Request) -> web.Response:
@@ -610,9 +667,7 @@ async def job_reply(request: web.Request, keys: Keys, job_id: str,
     job = await read_job(request.app[REDIS], keys.job(job_id))
     if not job:
         raise error(web.HTTPNotFound, "no job with that id")
-    return web.json_response({"queue": keys.name} | job | {
-        "attempts": int(job.get("attempts", 0)), "version": int(job.get("version", 0))},
-        status=status)
+    return web.json_response(shown({"queue": keys.name} | job), status=status)
 
 
 def conflict(job_id: str, status: str, rule: str) -> web.HTTPError:
@@ -639,10 +694,8 @@ async def list_jobs(request: web.Request) -> web.Response:
     reply = await request.app[SCRIPTS].list(keys=[keys.index(status)],
                                             args=[*common(request, keys), score, after, limit])
     next_cursor = "-".join(reply.pop()) if reply and len(reply[-1]) == 2 else None
-    jobs = [{"id": entry[0], **dict(zip(entry[1::2], entry[2::2], strict=True))}
+    jobs = [shown({"id": entry[0], **dict(zip(entry[1::2], entry[2::2], strict=True))})
             for entry in reply]
-    for job in jobs:
-        job["attempts"], job["version"] = int(job.get("attempts", 0)), int(job.get("version", 0))
     return web.json_response({"jobs": jobs, "next_cursor": next_cursor})
 
 
@@ -677,6 +730,73 @@ async def cancel(request: web.Request) -> web.Response:
     return await job_reply(request, keys, job_id, 202 if was == "running" else 200)
 
 
+# -- queues: their limits, and pausing them ----------------------------------------------------
+
+async def describe(request: web.Request, keys: Keys) -> dict[str, Any]:
+    """A queue as GET /queues shows it: one script call."""
+    queue = json.loads(await request.app[SCRIPTS].queue(keys=[keys.queue],
+                                                        args=common(request, keys)))
+    return {"name": keys.name, "length": queue["length"], "running": queue["running"],
+            "paused": bool(queue["paused"]), "held_back": queue["held_back"],
+            "settings": settings_of(queue["settings"] or {})}
+
+
+async def named_queue(request: web.Request, create: bool = False) -> Keys:
+    """The queue a path names (400 if that is no queue name). One neither used nor configured
+    is 404, unless `create`: then it is registered (its settings may come before its jobs)."""
+    keys = queue_of(request, request.match_info["name"])
+    if create:
+        await request.app[HUB].register(keys)
+    elif not await request.app[HUB].registered(keys):
+        raise error(web.HTTPNotFound, f"no queue named {keys.name!r}: none of its jobs was "
+                                      f"ever submitted, nor its settings set")
+    return keys
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    """GET /queues: every queue in the registry (the default one always), by name."""
+    hub = request.app[HUB]
+    names = {DEFAULT_QUEUE, *(str(n) for n in await request.app[REDIS].smembers(
+        hub.queue(DEFAULT_QUEUE).registry))}
+    return web.json_response(
+        {"queues": [await describe(request, hub.queue(name)) for name in sorted(names)]})
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    """GET /queues/NAME: one queue (404 if it was never used)."""
+    return web.json_response(await describe(request, await named_queue(request)))
+
+
+async def change(request: web.Request, keys: Keys, fields: list[str | int | float]) -> None:
+    if fields:
+        await request.app[SCRIPTS].settings(keys=[keys.queue],
+                                            args=[*common(request, keys), *fields])
+
+
+async def set_queue(request: web.Request) -> web.Response:
+    """PUT /queues/NAME {"rate_limit": {"jobs": J, "per": S}, "concurrency": C,
+    "group_rate_limit": ..., "group_concurrency": ...}: sets those it names (null removes
+    one), keeps the others; all checked first, so a bad one changes nothing (400)."""
+    data = await object_of(request, '{"concurrency": 4, "rate_limit": {"jobs": 10, "per": 1}}')
+    try:
+        fields = settings_fields(data)
+    except ValueError as exc:
+        raise error(web.HTTPBadRequest, str(exc)) from None
+    keys = await named_queue(request, create=True)
+    await change(request, keys, fields)
+    return web.json_response(await describe(request, keys))
+
+
+async def pause_or_resume(request: web.Request) -> web.Response:
+    """POST /queues/NAME/pause: its jobs start no more (submits still queue; the running ones
+    end as they would). POST /queues/NAME/resume: they start again."""
+    keys = await named_queue(request, create=True)
+    await change(request, keys, ["paused", 1 if request.match_info["action"] == "pause" else ""])
+    return web.json_response(await describe(request, keys))
+
+
+# -- counting: /stats and /metrics -------------------------------------------------------------
+
 async def queue_stats(request: web.Request, keys: Keys) -> dict[str, Any]:
     """One queue's numbers: one script call."""
     stats = json.loads(await request.app[SCRIPTS].stats(keys=[keys.queue],
@@ -686,6 +806,8 @@ async def queue_stats(request: web.Request, keys: Keys) -> dict[str, Any]:
         "queue_length": stats["queue_length"],
         "delayed": stats["delayed"],
         "dead_letter": stats["dead_letter"],
+        "paused": bool(stats["paused"]),
+        "held_back": stats["held_back"],
         "oldest_queued_age": None if stats["oldest_queued_age"] is False
                              else stats["oldest_queued_age"],
         "totals": {name: stats["totals"].get(name, 0) for name in TOTALS},
@@ -711,8 +833,10 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
     each = {keys.name: await queue_stats(request, keys) for keys in queues}
     total: dict[str, Any] = {
         "jobs": {state: sum(s["jobs"][state] for s in each.values()) for state in STATES}}
-    for field in ("queue_length", "delayed", "dead_letter"):
+    for field in ("queue_length", "delayed", "dead_letter", "held_back"):
         total[field] = sum(s[field] for s in each.values())
+    if "queue" in request.query:
+        total["paused"] = each[queues[0].name]["paused"]
     ages = [s["oldest_queued_age"] for s in each.values() if s["oldest_queued_age"] is not None]
     total["oldest_queued_age"] = max(ages, default=None)
     total["totals"] = {name: sum(s["totals"][name] for s in each.values()) for name in TOTALS}
@@ -731,8 +855,8 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
     total["runtime"] = dict(sum((Counter(s["runtime"]) for s in each.values()), Counter()))
     if "queue" not in request.query:
         total["queues"] = {name: {field: s[field] for field in (
-            "jobs", "queue_length", "delayed", "dead_letter", "oldest_queued_age", "totals")}
-            for name, s in each.items()}
+            "jobs", "queue_length", "delayed", "dead_letter", "oldest_queued_age", "totals",
+            "paused", "held_back")} for name, s in each.items()}
     return total
 
 
@@ -756,6 +880,8 @@ async def stats(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: the numbers of /stats in Prometheus's text format, and this server's."""
     s = await read_stats(request)
+    paused = ({name: q["paused"] for name, q in s["queues"].items()} if "queues" in s
+              else {request.query["queue"]: s["paused"]})
     out: list[str] = []
 
     def metric(name: str, kind: str, text: str, samples: dict[str, float]) -> None:
@@ -772,6 +898,11 @@ async def metrics(request: web.Request) -> web.Response:
            {f'{{status="{k}"}}': n for k, n in s["jobs"].items()})
     metric("jobs_queue_length", "gauge", "Jobs waiting on the queue.", {"": s["queue_length"]})
     metric("jobs_dead_letter", "gauge", "Ids on the dead-letter list.", {"": s["dead_letter"]})
+    metric("jobs_held_back", "gauge",
+           "Queued jobs held back now by a pause or a limit (rate, concurrency, a group's).",
+           {"": s["held_back"]})
+    metric("jobs_queue_paused", "gauge", "Whether a queue is paused (1) or not (0).",
+           {f'{{queue="{name}"}}': int(flag) for name, flag in paused.items()})
     metric("jobs_oldest_queued_age_seconds", "gauge",
            "How long the oldest queued job has waited (0: none waits).",
            {"": s["oldest_queued_age"] or 0})
@@ -965,8 +1096,8 @@ async def access(
 ) -> web.StreamResponse:
     """Without a token (and without --insecure-no-auth), only requests addressed to a loopback
     name are answered. With a token set, every request but OPEN ones needs it (a Bearer
-    header, or the cookie /login sets). A browser's POST must come from this server's origin
-    (or an allowed one)."""
+    header, or the cookie /login sets). A browser's POST or PUT must come from this server's
+    origin (or an allowed one)."""
     if request.app[LOCAL_ONLY] and not loopback(request.url.host or ""):
         # Without a token, only loopback is listened on; a page from another site whose name
         # resolves to 127.0.0.1 (DNS rebinding) still says its own name in Host.
@@ -978,7 +1109,7 @@ async def access(
     if token and not public and not same(given := credential(request), token):
         raise unauthorized("wrong token" if given else
                            "a token is needed: send Authorization: Bearer <token>")
-    if request.method == "POST":
+    if request.method not in ("GET", "HEAD"):  # POST, PUT: they change something
         check_origin(request)
     return await handler(request)
 
@@ -1108,6 +1239,10 @@ def make_app(
     app.router.add_post("/jobs/retry-failed", retry_failed)
     app.router.add_post("/jobs/{id}/retry", retry)
     app.router.add_post("/jobs/{id}/cancel", cancel)
+    app.router.add_get("/queues", list_queues)
+    app.router.add_get("/queues/{name}", get_queue)
+    app.router.add_put("/queues/{name}", set_queue)
+    app.router.add_post("/queues/{name}/{action:pause|resume}", pause_or_resume)
     app.router.add_get("/stats", stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/feed", feed)

@@ -14,8 +14,9 @@ import os
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import redis
 import redis.asyncio
@@ -48,6 +49,7 @@ RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
+EMPTY, HELD = -1, -2  # why a take started no job: none queued; held back by a pause or a limit
 
 
 class Job(NamedTuple):
@@ -58,11 +60,11 @@ class Job(NamedTuple):
     attempt: int
 
     @classmethod
-    def taken(cls, reply: list[Any]) -> tuple[Job | None, float]:
-        """What take() returned: (the job started, 0), or (None, seconds to wait for a limit
-        to free; -1: until woken)."""
+    def taken(cls, reply: list[Any]) -> tuple[Job | None, int]:
+        """What take() returned: (the job started, 0), or (None, why none): EMPTY, HELD, or
+        the milliseconds until a rate limit lets one start."""
         if reply[0] is None:
-            return None, int(reply[1]) / 1000 if int(reply[1]) > 0 else -1
+            return None, int(reply[1])
         return cls(str(reply[0]), str(reply[1]), int(reply[2])), 0
 
 
@@ -204,6 +206,13 @@ local function ended(id, status)
     redis.call('EXPIRE', minute, 7200)
   end
 end
+-- End a queued job not started by the time its submit gave (expires_in): cancelled.
+local function expire(id)
+  ended(id, 'cancelled')
+  redis.call('HSET', job_key(id), 'error', 'expired: not started within ' ..
+             (redis.call('HGET', job_key(id), 'expires_in') or '?') .. ' s')
+  emit(id)
+end
 -- Fail a job for good, its id at the head of the dead-letter list.
 local function fail(id, error)
   ended(id, 'failed')
@@ -253,6 +262,42 @@ local function unqueue(id)
   drop(priority, group)
   return removed > 0
 end
+-- Store and queue (or delay until `due`, unix time) jobs given from ARGV[first] on: n, n
+-- field-value pairs every job gets (priority and group among them, if any), then id-input
+-- pairs, one per job. A job already stored (sent again after a lost reply) is left alone.
+-- `expires` ('' for none): the unix time by which a job must have started, or it ends
+-- cancelled (see expire()). Returns the ids.
+local function add_jobs(first, due, expires)
+  local n = tonumber(ARGV[first])
+  local fields = {unpack(ARGV, first + 1, first + 2 * n)}
+  local status = due == '' and 'queued' or 'delayed'
+  local priority, group = '5', ''
+  for i = 1, #fields, 2 do
+    if fields[i] == 'priority' then priority = fields[i + 1] end
+    if fields[i] == 'group' then group = fields[i + 1] end
+  end
+  local _, score = clock()
+  local ids, stored = {}, 0
+  for i = first + 1 + 2 * n, #ARGV, 2 do
+    local id = ARGV[i]
+    ids[#ids + 1] = id
+    if redis.call('EXISTS', job_key(id)) == 0 then
+      redis.call('HSET', job_key(id), 'id', id, 'input', ARGV[i + 1], unpack(fields))
+      redis.call('ZADD', P .. ':index:' .. status, score, id)
+      if due == '' then
+        push(id, false, priority, group)
+      else
+        redis.call('ZADD', P .. ':delayed', due, id)
+      end
+      if expires ~= '' then redis.call('ZADD', P .. ':expiry', expires, id) end
+      emit(id)
+      stored = stored + 1
+    end
+  end
+  count('submitted', stored)
+  if due == '' then wake(stored) end
+  return ids
+end
 -- The queue's settings (see SETTINGS), as numbers.
 local function settings()
   local s, f = {}, redis.call('HGETALL', P .. ':settings')
@@ -270,7 +315,7 @@ local function rate_wait(key, jobs, per, now)
   return math.max(math.ceil((tonumber(first[2]) + per * 1e6 - now) / 1000), 1)
 end
 local function started(key, per, now, id, attempt)
-  redis.call('ZADD', key, us(now), id .. ':' .. attempt)
+  redis.call('ZADD', key, us(now), id .. ':' .. attempt .. ':' .. us(now))  -- one per start
   redis.call('PEXPIRE', key, math.ceil(per * 1000) + 1000)
 end
 -- A queue as GET /queues shows it: {length, running, paused, settings, held_back}; held_back
@@ -307,13 +352,15 @@ local function describe()
   return out
 end
 -- Start the job the slot whose list is `processing` takes: {id, input, attempt}, and its
--- `worker` field the slot; or {false, wait} if none may start now: wait is the milliseconds
--- until a rate limit lets one (the slot waits that long, and holds the queue's timer: other
--- slots wait for a wake-up meanwhile), or -1 (none to wait for: a wake-up comes when one may
--- start). The highest priority first; in it, the groups in turn (those held back by their
--- limits skipped); in a group, first in first out. A paused queue, or one at its concurrency
--- or rate limit, starts none. Run again after a lost reply, it returns the job it started.
-local function take(processing)
+-- `worker` field the slot; or {false, why} if none may start now: why is EMPTY (no job is
+-- queued), HELD (jobs are, but a pause or a concurrency limit holds them back: a wake-up comes
+-- when that changes), or the milliseconds until a rate limit lets one start. With claim, the
+-- slot then holds the queue's timer (it waits exactly that long; the other slots wait for a
+-- wake-up meanwhile) or, if another slot holds it, gets HELD. The highest priority first; in
+-- it, the groups in turn (those held back by their limits skipped); in a group, first in first
+-- out. Run again after a lost reply, it returns the job it started.
+local EMPTY, HELD = -1, -2
+local function take(processing, claim)
   local slot = string.sub(processing, #P + 13)  -- after '<prefix>:processing:'
   local held = redis.call('LINDEX', processing, 0)
   if held then
@@ -322,38 +369,54 @@ local function take(processing)
     redis.call('LREM', processing, 0, held)  -- a stray (a worker before this take's time)
     if f[1] == 'queued' then push(held, true) end
   end
+  if redis.call('EXISTS', P .. ':priorities') == 0 then  -- no job is queued
+    redis.call('DEL', P .. ':wake')
+    return {false, EMPTY}
+  end
   local s, timer = settings(), P .. ':timer'
   local _, score = clock()
-  local now, wait = tonumber(score), -1
+  local now, wait = tonumber(score), EMPTY
   local looked = 0
   if s.paused or (s.concurrency and redis.call('ZCARD', P .. ':index:running') >= s.concurrency)
   then
-    wait = -2  -- held back whole (until a resume, a finish, new settings)
+    wait = HELD
   elseif s.rate_jobs then
     wait = rate_wait(P .. ':rate', s.rate_jobs, s.rate_per, now)
   end
-  if wait <= 0 and wait ~= -2 then
-    wait = -1
+  if wait == 0 or wait == EMPTY then
+    wait = EMPTY
     for _, priority in ipairs(redis.call('ZRANGE', P .. ':priorities', '+inf', '-inf', 'BYSCORE',
                                          'REV')) do
       local ring = P .. ':groups:' .. priority
       for _ = 1, redis.call('LLEN', ring) do
+        if looked >= SCAN_MAX then break end
         local group = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
-        if not group or looked == SCAN_MAX then break end
+        if not group then break end
         looked = looked + 1
         local free = 0
         if s.group_concurrency and (tonumber(redis.call('HGET', P .. ':group_running', group))
                                     or 0) >= s.group_concurrency then
-          free = -1
+          free = HELD
         elseif s.group_rate_jobs then
           free = rate_wait(P .. ':rate:' .. group, s.group_rate_jobs, s.group_rate_per, now)
         end
-        if free == 0 then
-          local id = redis.call('RPOP', ready_key(priority, group))
-          drop(priority, group)
-          local f = id and redis.call('HMGET', job_key(id), 'status', 'input')
-          if f and f[1] == 'queued' then  -- else a leftover (ended meanwhile): dropped
-            local key = job_key(id)
+        local list = ready_key(priority, group)
+        while free == 0 and looked < SCAN_MAX do  -- the group's first job that may start
+          local id = redis.call('RPOP', list)
+          if not id then break end
+          looked = looked + 1
+          local key = job_key(id)
+          local f = redis.call('HMGET', key, 'status', 'input', 'expires_at')
+          local deadline = f[3] and redis.call('ZSCORE', P .. ':expiry', id)
+          if deadline then  -- its first start: from now on it cannot expire
+            redis.call('ZREM', P .. ':expiry', id)
+            if f[1] == 'queued' and tonumber(deadline) * 1e6 < now then
+              expire(id)
+              f[1] = 'expired'
+            end
+          end
+          if f[1] == 'queued' then  -- else a leftover (ended meanwhile): dropped
+            drop(priority, group)
             redis.call('LPUSH', processing, id)
             bump(id, 'running')
             redis.call('HSET', key, 'worker', slot)
@@ -364,70 +427,59 @@ local function take(processing)
             end
             emit(id)
             if redis.call('GET', timer) == slot then redis.call('DEL', timer) end
-            if redis.call('ZCARD', P .. ':index:queued') > 0 then wake(1) end
+            if redis.call('EXISTS', P .. ':priorities') == 1 then wake(1) end  -- more
             return {id, f[2], attempt}
           end
-        elseif free > 0 and (wait < 0 or free < wait) then
+        end
+        drop(priority, group)
+        if free == HELD and wait == EMPTY then
+          wait = HELD
+        elseif free > 0 and (wait <= 0 or free < wait) then
           wait = free
         end
       end
-      if looked == SCAN_MAX then break end
     end
-    if looked == SCAN_MAX and (wait < 0 or wait > 10) then wait = 10 end  -- more groups to try
+    if looked >= SCAN_MAX and wait <= 0 then wait = 1000 end  -- more groups: look again in 1 s
   end
-  if wait == -2 then wait = -1 end
   redis.call('DEL', P .. ':wake')  -- none may start: the tokens would wake slots for nothing
-  if wait > 0 then  -- one slot waits for the limit to free; the others for a wake-up
+  if wait > 0 and claim then  -- one slot waits for the limit to free; the others for a wake-up
     local holder = redis.call('GET', timer)
-    if holder and holder ~= slot then return {false, -1} end
-    redis.call('SET', timer, slot, 'PX', wait + 1000)
+    if holder and holder ~= slot then return {false, HELD} end
+    redis.call('SET', timer, slot, 'PX', wait + 250)
   end
   return {false, wait}
 end
 """.replace("DEAD_MAX", str(DEAD_MAX)).replace("WAKE_MAX", str(WAKE_MAX)).replace(
     "SCAN_MAX", str(SCAN_MAX))
 
-# KEYS: queue. ARGV: (prefix, now, retention), due (unix time, or '' to queue now), n, then
-# n field-value pairs every job gets (priority and group among them, if any), then id-input
-# pairs: one per job. Stores and queues (or delays) them all in one step, or none: refused
-# before it runs while Redis refuses writes. Sent again (a client's retry after a lost reply),
-# it leaves the jobs it already stored alone.
+# KEYS: queue. ARGV: (prefix, now, retention), due (unix time, or '' to queue now), expires
+# (the unix time by which each must have started, or ''), idempotency key ('' for none: else a
+# digest of the client's key), the request's digest, how long (s) the key is kept, then jobs
+# as add_jobs() takes them (from ARGV[9]). Stores and queues (or delays) them all in one step,
+# or none: refused before it runs while Redis refuses writes. Returns {0} once stored; with a
+# key seen before, stores nothing and returns {1, ids} if the digest is the same (a replay),
+# {2, ids} if not (ids: the first request's, comma-separated). Sent again (a client's retry
+# after a lost reply), it leaves the jobs it already stored alone.
 SUBMIT = WRITES + LUA_PRELUDE + """
-local due, n = ARGV[4], tonumber(ARGV[5])
-local fields = {unpack(ARGV, 6, 5 + 2 * n)}
-local status = due == '' and 'queued' or 'delayed'
-local priority, group = '5', ''
-for i = 1, #fields, 2 do
-  if fields[i] == 'priority' then priority = fields[i + 1] end
-  if fields[i] == 'group' then group = fields[i + 1] end
+local key = ARGV[6] ~= '' and P .. ':idempotency:' .. ARGV[6]
+local seen = key and redis.call('GET', key)
+if seen then
+  local digest, ids = string.match(seen, '^(%S+) (.*)$')
+  return {digest == ARGV[7] and 1 or 2, ids}
 end
-local _, score = clock()
-local jobs = 0
-for i = 6 + 2 * n, #ARGV, 2 do
-  local id = ARGV[i]
-  if redis.call('EXISTS', job_key(id)) == 0 then  -- sent again after a lost reply: done already
-    redis.call('HSET', job_key(id), 'id', id, 'input', ARGV[i + 1], unpack(fields))
-    redis.call('ZADD', P .. ':index:' .. status, score, id)
-    if due == '' then
-      push(id, false, priority, group)
-    else
-      redis.call('ZADD', P .. ':delayed', due, id)
-    end
-    emit(id)
-    jobs = jobs + 1
-  end
-end
-count('submitted', jobs)
-if due == '' then wake(jobs) end
+local ids = add_jobs(9, ARGV[4], ARGV[5])
+if key then redis.call('SET', key, ARGV[7] .. ' ' .. table.concat(ids, ','), 'EX', ARGV[8]) end
+return {0}
 """
 # Writes nothing, but declares that it may: Redis refuses it exactly when it refuses a submit.
 WRITABLE = WRITES + "return 1"
 
-# KEYS: the slot's processing list. ARGV: (prefix, now, retention). Starts the next job the
-# slot may take (see take()): {id, input, attempt}, or {nil, wait}. Refused while Redis is
-# full, as a push would be: the job waits for memory.
+# KEYS: the slot's processing list. ARGV: (prefix, now, retention), claim (1/0: hold the timer
+# if a rate limit is full). Starts the next job the slot may take (see take()): {id, input,
+# attempt}, or {nil, why}. Refused while Redis is full, as a push would be: the job waits for
+# memory.
 TAKE = WRITES + LUA_PRELUDE + """
-return take(KEYS[1])
+return take(KEYS[1], ARGV[4] == '1')
 """
 
 # KEYS: job, processing, queue. ARGV: (prefix, now, retention), id, outcome (done, failed,
@@ -469,8 +521,8 @@ if held == 1 then
   redis.call('HINCRBYFLOAT', P .. ':runtime', 'sum', ARGV[12])
   emit(id)
 end
-if ARGV[10] == '1' then return {held, take(KEYS[2])} end
-if held == 1 and redis.call('ZCARD', P .. ':index:queued') > 0 then wake(1) end  -- a limit freed
+if ARGV[10] == '1' then return {held, take(KEYS[2], false)} end
+if held == 1 and redis.call('EXISTS', P .. ':priorities') == 1 then wake(1) end  -- a limit freed
 return {held, false}
 """
 
@@ -536,6 +588,14 @@ for _, id in ipairs(due) do
 end
 if moved + #due > 0 then wake(moved + #due) end
 if scan then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', ARGV[4], 'LIMIT', 0,
+                                 1000)) do  -- queued past their time: none takes them now
+    redis.call('ZREM', P .. ':expiry', id)
+    if redis.call('HGET', job_key(id), 'status') == 'queued' then
+      unqueue(id)
+      expire(id)
+    end
+  end
   -- Jobs on the queue's own list that no ring names (pushed there by a server older than
   -- priorities) are found; and should a wake-up have been lost (a slot killed between popping
   -- it and taking), queued jobs that may start wake a slot.
@@ -544,7 +604,7 @@ if scan then
     redis.call('ZADD', P .. ':priorities', 5, 5)
   end
   local s = settings()
-  if redis.call('ZCARD', P .. ':index:queued') > 0 and not s.paused
+  if redis.call('EXISTS', P .. ':priorities') == 1 and not s.paused
      and redis.call('EXISTS', P .. ':timer') == 0
      and not (s.concurrency and redis.call('ZCARD', P .. ':index:running') >= s.concurrency) then
     wake(1)
@@ -575,6 +635,7 @@ local status = f[1] or ''
 if status == 'queued' or status == 'delayed' then
   unqueue(id)
   redis.call('ZREM', P .. ':delayed', id)
+  redis.call('ZREM', P .. ':expiry', id)
   ended(id, 'cancelled')
   emit(id)
 elseif status == 'running' then
@@ -633,6 +694,57 @@ wake(WAKE_MAX)
 # KEYS: queue. ARGV: (prefix, now, retention). describe() as JSON.
 QUEUE = READS + LUA_PRELUDE + """
 return cjson.encode(describe())
+"""
+
+# Schedules: each in the slot of the queue its jobs go to, a hash {prefix}:schedule:<name>
+# (next_run: the unix time of its next tick, as text), and in that queue's {prefix}:schedules
+# sorted set (names by next_run); the registry {jobs}:schedules (name -> queue) lists them all.
+
+# KEYS: queue. ARGV: (prefix, now, retention), name, replace (1: the whole schedule; 0: the
+# fields given, if the schedule exists), then field-value pairs (next_run among them).
+# Returns whether it was written.
+SCHEDULE = WRITES + LUA_PRELUDE + """
+local key = P .. ':schedule:' .. ARGV[4]
+if ARGV[5] == '1' then
+  redis.call('DEL', key)
+elseif redis.call('EXISTS', key) == 0 then
+  return 0
+end
+redis.call('HSET', key, unpack(ARGV, 6))
+redis.call('ZADD', P .. ':schedules', redis.call('HGET', key, 'next_run'), ARGV[4])
+return 1
+"""
+
+# KEYS: queue. ARGV: (prefix, now, retention), name. Deletes the schedule; returns whether
+# there was one.
+UNSCHEDULE = WRITES + LUA_PRELUDE + """
+redis.call('ZREM', P .. ':schedules', ARGV[4])
+return redis.call('DEL', P .. ':schedule:' .. ARGV[4])
+"""
+
+# KEYS: queue. ARGV: (prefix, now, retention), name, the next_run its caller read, the one
+# after it, expires (as SUBMIT's), then one job as add_jobs() takes them (from ARGV[8]). Makes
+# the tick's job, and moves the schedule to its next tick, only if the schedule is still at the
+# tick its caller read: any number of processes may try a tick, and exactly one makes its job.
+# A paused schedule moves on and makes none; so does one with overlap "skip" whose last job
+# has not ended. Returns 1 if it made the job.
+TICK = WRITES + LUA_PRELUDE + """
+local key = P .. ':schedule:' .. ARGV[4]
+local f = redis.call('HMGET', key, 'next_run', 'paused', 'overlap', 'last_job')
+if f[1] ~= ARGV[5] then return 0 end  -- made by another process, or the schedule changed
+redis.call('HSET', key, 'next_run', ARGV[6])
+redis.call('ZADD', P .. ':schedules', ARGV[6], ARGV[4])
+if f[2] == '1' then return 0 end
+if f[3] == 'skip' and f[4] then
+  local status = redis.call('HGET', job_key(f[4]), 'status')
+  if status == 'queued' or status == 'delayed' or status == 'running' then
+    redis.call('HINCRBY', key, 'skipped', 1)
+    return 0
+  end
+end
+redis.call('HSET', key, 'last_job', add_jobs(8, '', ARGV[7])[1])
+redis.call('HINCRBY', key, 'runs', 1)
+return 1
 """
 
 # KEYS: the index of a state. ARGV: (prefix, now, retention), the score and the id of the last
@@ -780,6 +892,105 @@ def redis_said(exc: Exception) -> str:
     """An error reply as Redis said it (redis-py takes the code off some: OOM, READONLY)."""
     code = getattr(exc, "status_code", None)
     return f"{code} {exc}" if code and not str(exc).startswith(code) else str(exc)
+
+# -- schedules: when the next tick is ------------------------------------------------------
+
+CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+               ("day of week", 0, 7))
+CRON_NAMES = {3: ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov",
+                  "dec"),
+              4: ("sun", "mon", "tue", "wed", "thu", "fri", "sat")}
+
+
+class Cron(NamedTuple):
+    """A 5-field cron expression (minute hour day-of-month month day-of-week, as crontab(5):
+    `*`, `a-b`, `*/n`, `a-b/n`, lists, and month and day names; Sunday is 0 or 7; when both
+    day fields are restricted, a day matching either runs), in a time zone."""
+
+    minutes: frozenset[int]
+    hours: frozenset[int]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]  # 0 Monday ... 6 Sunday, as datetime.weekday()
+    any_day: bool  # the day-of-month field is *
+    any_weekday: bool  # the day-of-week field is *
+    zone: ZoneInfo
+
+    @classmethod
+    def parse(cls, text: str, zone: str = "UTC") -> Cron:
+        """ValueError says what is wrong."""
+        try:
+            tz = ZoneInfo(zone)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(f"{zone!r} is not an IANA time zone (like Europe/Paris)") from None
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(f"{text!r} is not a cron expression of 5 fields "
+                             "(minute hour day-of-month month day-of-week)")
+        sets = [cron_field(field, n) for n, field in enumerate(fields)]
+        weekdays = frozenset((day - 1) % 7 for day in sets[4])  # cron 0/7 Sunday -> 6
+        return cls(sets[0], sets[1], sets[2], sets[3], weekdays, fields[2] == "*",
+                   fields[4] == "*", tz)
+
+    def day_matches(self, day: date) -> bool:
+        if day.month not in self.months:
+            return False
+        in_month, in_week = day.day in self.days, day.weekday() in self.weekdays
+        if self.any_day or self.any_weekday:
+            return in_month and in_week
+        return in_month or in_week
+
+    def after(self, moment: datetime) -> datetime:
+        """The first tick strictly after moment (aware), in the schedule's zone. A local time
+        that does not exist that day (the clocks jump over it) is skipped; one that happens
+        twice (they go back) runs once, at its first occurrence."""
+        start = moment.astimezone(self.zone)
+        day = start.date()
+        for _ in range(366 * 8):  # Feb 29 on a Monday comes within 28 years; 8 is plenty
+            if self.day_matches(day):
+                for hour in sorted(self.hours):
+                    for minute in sorted(self.minutes):
+                        wall = datetime(day.year, day.month, day.day, hour, minute)
+                        local = wall.replace(tzinfo=self.zone)  # fold=0: the first occurrence
+                        if local.astimezone(UTC).astimezone(self.zone).replace(
+                                tzinfo=None) != wall:
+                            continue  # in a gap: does not exist that day
+                        if local.astimezone(UTC) > moment.astimezone(UTC):
+                            return local
+            day += timedelta(days=1)
+        raise ValueError("this cron expression never matches")
+
+
+def cron_field(text: str, n: int) -> frozenset[int]:
+    """The values one field of a cron expression allows."""
+    name, low, high = CRON_FIELDS[n]
+    names = CRON_NAMES.get(n, ())
+
+    def value(part: str) -> int:
+        if part.lower() in names:
+            return names.index(part.lower()) + (1 if n == 3 else 0)
+        if not part.isdigit() or not low <= int(part) <= high:
+            raise ValueError(f"{part!r} is not a {name} ({low}-{high})")
+        return int(part)
+
+    found: set[int] = set()
+    for item in text.split(","):
+        span, _, step_text = item.partition("/")
+        if step_text and (not step_text.isdigit() or int(step_text) == 0):
+            raise ValueError(f"{item!r}: the step must be a whole number above 0")
+        step = int(step_text or 1)
+        if span == "*":
+            first, last = low, high
+        elif "-" in span:
+            first, last = (value(end) for end in span.split("-", 1))
+            if first > last:
+                raise ValueError(f"{item!r}: a range must go upwards")
+        else:
+            first = value(span)
+            last = high if step_text else first
+        found.update(range(first, last + 1, step))
+    return frozenset(found)
+
 
 # -- settings: argparse types, also applied to environment variables (see from_env) ----------
 

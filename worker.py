@@ -36,7 +36,6 @@ import ctypes
 import importlib
 import inspect
 import logging
-import math
 import os
 import random
 import signal
@@ -59,7 +58,9 @@ from redis.commands.core import Script
 from store import (
     ALLOW_OOM,
     DEFAULT_QUEUE,
+    EMPTY,
     FINISH,
+    HELD,
     LEASE,
     PREFIX,
     RECLAIM,
@@ -88,13 +89,15 @@ from store import (
 
 log = logging.getLogger("worker")
 
-BLOCK = 1  # seconds BLMOVE blocks, so a stop flag is seen at least this often
+BLOCK = 1  # seconds a BLPOP for a wake-up blocks, so a stop flag is seen at least this often
+PRECISE = 0.2  # the last seconds of a timed wait are slept here: a BLPOP times out ~0.1 s late
 MAINTAIN_EVERY = 1.0  # seconds between reclaim rounds: a slot's strays; dead workers, retries
 REDIS_RETRY_CAP = 5.0  # seconds between tries while Redis is unreachable
 CONCURRENCY = 10  # jobs in flight per worker, as arq and SAQ
 TIMEOUT = 300.0  # seconds a try may run
 TICK = 0.25  # seconds between the keeper's looks at the slots' deadlines
 HARD_STOP = 10.0  # seconds a cold stop may take giving jobs back before the process just exits
+MAX_LATER = 366 * 86_400  # seconds RetryLater may ask for at most (as a submit's delay)
 
 T = TypeVar("T")
 Handler = Callable[[str], str] | Callable[[str], Awaitable[str]]
@@ -114,8 +117,8 @@ class RetryLater(Exception):  # a request, not an error: no Error in its name
     429), without counting the try against --max-attempts."""
 
     def __init__(self, seconds: float) -> None:
-        if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
-            raise ValueError(f"RetryLater takes seconds >= 0, not {seconds!r}")
+        if not (isinstance(seconds, int | float) and 0 <= seconds <= MAX_LATER):
+            raise ValueError(f"RetryLater takes seconds from 0 to {MAX_LATER}, not {seconds!r}")
         super().__init__(f"asked to run again in {seconds:g} s")
         self.seconds = float(seconds)
 
@@ -146,6 +149,7 @@ class Slot:
         self.processing = keys.processing(name)
         self.taken_from = keys  # the queue of the job it took last
         self.waits: tuple[Keys, float] = (keys, -1.0)  # with none taken: where, how long
+        self.retake: Keys | None = None  # the queue whose take's reply was lost
         self.lock = threading.Lock()  # the slot's runner and the keeper
         self.job: Job | None = None
         self.deadline = float("inf")
@@ -410,26 +414,56 @@ class Worker:
         """Start the next job the slot may take, from its own queue or else its others (one
         script call each); None if no queue has one to start now. Then `slot.taken_from` is
         the job's queue; or, with none, `slot.waits` says where and how long to wait."""
+        why: dict[Keys, int] = {}
         for keys in slot.queues:
-            job, wait = Job.taken(self._take(keys=[keys.processing(slot.name)],
-                                             args=self.common(keys)))
+            job, why[keys] = self.take_from(slot, keys)
             if job is not None:
-                slot.taken_from = keys
                 return job
-            if wait > 0:  # this slot holds the queue's timer: it waits for the limit
-                slot.waits = keys, wait
-                return None
+        rated = [(ms, keys) for keys, ms in why.items() if ms > 0]
+        if rated:  # hold the timer of the limit that frees first, if no other slot does
+            ms, keys = min(rated, key=lambda pair: pair[0])
+            job, ms = self.take_from(slot, keys, claim=True)
+            if job is not None or ms > 0:
+                slot.waits = keys, ms / 1000
+                return job
+            why[keys] = ms
         slot.waits = slot.keys, -1.0
+        if why[slot.keys] == HELD and len(slot.queues) > 1:
+            # its own queue held back: wait where new work comes, and look again each BLOCK s
+            empty = [keys for keys in slot.queues[1:] if why[keys] == EMPTY]
+            slot.waits = (empty[0] if empty else slot.keys), BLOCK
         return None
+
+    def take_from(self, slot: Slot, keys: Keys, claim: bool = False) -> tuple[Job | None, int]:
+        """TAKE from one queue; its job, or why none (see store.Job.taken). A take whose reply
+        was lost is sent again first, before any other queue's: it returns the job it
+        started."""
+        if slot.retake is not None and slot.retake is not keys:
+            job, why = self.take_from(slot, slot.retake)
+            if job is not None:
+                return job, why
+        try:
+            job, why = Job.taken(self._take(keys=[keys.processing(slot.name)],
+                                            args=[*self.common(keys), int(claim)]))
+        except REDIS_ERRORS:
+            slot.retake = keys
+            raise
+        slot.retake = None
+        if job is not None:
+            slot.taken_from = keys
+        return job, why
 
     def wait_for_work(self, slot: Slot) -> None:
         """Block until woken on the queue named by `slot.waits` (a submit, a finish, new
-        settings) or the rate limit it waits for frees: BLPOP, up to BLOCK s at a time, so a
-        stop is seen."""
+        settings), or for as long as it says (a rate limit frees; a held queue is looked at
+        again): BLPOP, up to BLOCK s at a time, so a stop is seen."""
         keys, wait = slot.waits
         deadline = time.monotonic() + wait if wait > 0 else float("inf")
         while not self.stopping and (left := deadline - time.monotonic()) > 0:
-            if self.redis.blpop([keys.wake], timeout=min(BLOCK, left)) is not None:
+            if left < PRECISE:  # Redis times a BLPOP out at its own pace (hz 10: ~100 ms late)
+                time.sleep(left)
+                return
+            if self.redis.blpop([keys.wake], timeout=min(BLOCK, left - PRECISE)) is not None:
                 return
 
     def finish(self, slot: Slot, job: Job, outcome: str, result: str = "", error: str = "",
@@ -440,7 +474,8 @@ class Worker:
         keeper)."""
         keys = slot.taken_from
         processing = keys.processing(slot.name)
-        chain = take_next and not self.stopping
+        # the next from the same queue; after another queue's job, back to its own first
+        chain = take_next and not self.stopping and keys is slot.keys
 
         def args(take: bool) -> list[str | int | float]:
             return [*self.common(keys), job.id, outcome, result, error, due,
@@ -575,15 +610,17 @@ class Worker:
                 return False, self.timed_out
             raise
 
-    def process(self, slot: Slot, job: Job) -> Job | None:
-        """Run one job to its outcome; return the slot's next one if finishing took it."""
+    def process(self, slot: Slot, job: Job, chain: bool = True) -> Job | None:
+        """Run one job to its outcome; return the slot's next one if finishing took it (with
+        chain)."""
         try:
             tried = self.call_handler(slot, job)
         except Interrupted:  # raised as the handler ended, before it could be withdrawn
             slot.end()
             tried = False, slot.why
         outcome, ran = self.outcome(job, tried), time.monotonic() - slot.began
-        return self.until_redis_takes(lambda: self.finish(slot, job, *outcome, ran=ran))
+        return self.until_redis_takes(lambda: self.finish(slot, job, *outcome, ran=ran,
+                                                          take_next=chain))
 
     def work(self, slot: Slot) -> None:
         """Thread: the slot's loop, until the worker stops: take a job and run jobs back to
@@ -606,6 +643,10 @@ class Worker:
                     time.sleep(delay)
                 except Interrupted:  # not raised in a handler: what it interrupted is redone
                     slot.end()
+                except Exception:  # a bug: said, and the slot goes on (its take returns the job
+                    log.exception("slot %s", slot.name)  # it holds, if any)
+                    slot.end()
+                    time.sleep(1.0)
         finally:
             slot.stopped.set()
 

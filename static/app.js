@@ -1,6 +1,7 @@
 // The dashboard's script: signs in if the server asks for a token, polls GET /stats (counts,
-// chart, workers), follows every job change on one EventSource (/feed), and sends the buttons'
-// POSTs. Job data only ever goes into the page through textContent, never as HTML.
+// chart, workers) and GET /queues (each queue's state and limits), follows every job change on
+// one EventSource (/feed), and sends the buttons' POSTs and the limits' PUTs. Job data only
+// ever goes into the page through textContent, never as HTML.
 "use strict";
 
 const STATES = ["queued", "delayed", "running", "done", "failed", "cancelled"];
@@ -10,6 +11,14 @@ const STATS_EVERY = 2000; // ms between the end of one GET /stats and the next
 const MAX_ROWS = 200; // rows kept in the jobs table as new jobs arrive
 const PAGE = 50; // jobs asked for per GET /jobs
 const SHOWN = 256; // characters of an input or result shown (GET /jobs cuts them to 256 bytes)
+// A queue's limits as GET /queues/NAME shows them, and the form's inputs for each.
+const LIMITS = ["rate_limit", "concurrency", "group_rate_limit", "group_concurrency"];
+const INPUTS = {
+  rate_limit: ["#limit-rate-jobs", "#limit-rate-per"],
+  concurrency: ["#limit-concurrency"],
+  group_rate_limit: ["#limit-group-rate-jobs", "#limit-group-rate-per"],
+  group_concurrency: ["#limit-group-concurrency"],
+};
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -32,6 +41,8 @@ const state = {
   rows: new Map(), // id -> {tr, job}
   needInput: [], // ids whose row came from /feed, which does not carry the input
   fetchingInput: false,
+  queues: new Map(), // name -> the queue as GET /queues last showed it
+  editing: null, // the queue whose limits the form shows
 };
 
 // ---- talking to the server ----
@@ -162,7 +173,8 @@ async function pollStats() {
   if (!state.running) return;
   state.statsBusy = true;
   try {
-    showStats(await api("GET", "/stats"), await queueNames());
+    const [stats, { queues }] = await Promise.all([api("GET", "/stats"), api("GET", "/queues")]);
+    showStats(stats, queues);
     if (state.statsFailed) notify("");
     state.statsFailed = false;
   } catch (error) {
@@ -181,18 +193,6 @@ async function pollStats() {
   }
 }
 
-// Every queue's name (GET /stats without a queue lists them), for the queue picker.
-async function queueNames() {
-  if (state.queue === "default") return null; // the /stats just read lists them
-  const saved = state.queue;
-  state.queue = "default";
-  try {
-    return Object.keys((await api("GET", "/stats")).queues || {});
-  } finally {
-    state.queue = saved;
-  }
-}
-
 function showQueues(names) {
   const picker = $("#queue-select");
   const all = [...new Set(["default", ...names, state.queue])].sort();
@@ -208,14 +208,16 @@ function chooseQueue() {
   pollStats();
 }
 
-function showStats(all, names) {
-  showQueues(names || Object.keys(all.queues || {}));
+function showStats(all, queues) {
+  showQueues(queues.map((q) => q.name));
+  showQueueTable(queues);
   // Counts of the queue shown; the chart and the workers of every queue (for the default).
   const stats = { ...all, ...((all.queues || {})[state.queue] || {}) };
   for (const status of STATES) setText(`#count-${status}`, number(stats.jobs[status]));
   setText("#queue-length", number(stats.queue_length));
   setText("#delayed-length", number(stats.delayed));
   setText("#dead-letter", number(stats.dead_letter));
+  setText("#held-back", number(stats.held_back) + (stats.paused ? " (paused)" : ""));
   setText("#oldest-queued", stats.oldest_queued_age == null ? "–" : age(stats.oldest_queued_age));
   for (const [name, value] of Object.entries(stats.totals)) {
     setText(`#total-${name}`, number(value));
@@ -224,6 +226,96 @@ function showStats(all, names) {
   setText("#redis-memory", `${bytes(used)} / ${max ? bytes(max) : "no limit"}`);
   drawChart(stats.done_per_minute);
   showWorkers(stats.workers);
+}
+
+// ---- GET /queues: each queue's state and limits; pause, resume, and the limits form ----
+
+function limitText(value) {
+  if (value == null) return "–";
+  return typeof value === "object" ? `${number(value.jobs)} per ${value.per} s` : number(value);
+}
+
+function showQueueTable(queues) {
+  state.queues = new Map(queues.map((q) => [q.name, q]));
+  const rows = queues.map((q) => {
+    const tr = document.createElement("tr");
+    tr.dataset.queue = q.name;
+    const paused = cell(q.paused ? "paused" : "active", `state state-${q.paused ? "paused" : "active"}`);
+    const limits = LIMITS.map((name) => {
+      const td = cell(limitText(q.settings[name]), q.settings[name] == null ? "num none" : "num");
+      td.title = name.replaceAll("_", " ");
+      return td;
+    });
+    const actions = cell("", "actions");
+    actions.append(
+      q.paused ? button("resume", "Resume", () => pauseQueue(q.name, "resume"))
+               : button("pause", "Pause", () => pauseQueue(q.name, "pause")),
+      button("limits", "Limits", () => editLimits(q.name)));
+    tr.append(cell(q.name, "name"), paused, cell(number(q.length), "num"),
+              cell(number(q.running), "num"), cell(number(q.held_back), "num"), ...limits,
+              actions);
+    return tr;
+  });
+  $("#queues tbody").replaceChildren(...rows);
+}
+
+async function pauseQueue(name, action) {
+  try {
+    const queue = await api("POST", `/queues/${encodeURIComponent(name)}/${action}`);
+    notify(`queue ${name} ${queue.paused ? "paused: it starts no job until resumed" : "resumed"}`);
+  } catch (error) {
+    report(error);
+  }
+  pollStats();
+}
+
+// The form shows the queue's limits now; an empty input is no such limit.
+function editLimits(name) {
+  const queue = state.queues.get(name);
+  if (!queue) return;
+  state.editing = name;
+  $("#limits-queue").textContent = name;
+  for (const limit of LIMITS) {
+    const value = queue.settings[limit];
+    const [first, second] = INPUTS[limit];
+    if (second) {
+      $(first).value = value ? value.jobs : "";
+      $(second).value = value ? value.per : "";
+    } else {
+      $(first).value = value ?? "";
+    }
+  }
+  $("#limits-form").hidden = false;
+  $(INPUTS.rate_limit[0]).focus();
+}
+
+// PUT every limit the form shows (an empty one removes it): 400 if one is wrong, and then the
+// server changed none.
+async function saveLimits(event) {
+  event.preventDefault();
+  const body = {};
+  for (const limit of LIMITS) {
+    const [first, second] = INPUTS[limit].map((selector) => $(selector).value);
+    if (INPUTS[limit].length === 1) {
+      body[limit] = first === "" ? null : Number(first);
+    } else if (first === "" && second === "") {
+      body[limit] = null;
+    } else {
+      body[limit] = { jobs: Number(first), per: second === "" ? NaN : Number(second) };
+      if (first === "" || second === "") {
+        notify(`${limit.replace("_", " ")}: give both the jobs and the seconds, or neither`, true);
+        return;
+      }
+    }
+  }
+  try {
+    await api("PUT", `/queues/${encodeURIComponent(state.editing)}`, body);
+    notify(`limits of ${state.editing} saved`);
+    $("#limits-form").hidden = true;
+  } catch (error) {
+    report(error);
+  }
+  pollStats();
 }
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -325,6 +417,9 @@ function renderRow(tr, job) {
   const id = cell(job.id.slice(0, 8), "id");
   id.title = job.id;
   const status = cell(job.status, `status status-${job.status}`);
+  const priority = cell(String(job.priority ?? ""), "num priority");
+  const group = cell(job.group ?? "", "group");
+  group.title = job.group ?? "";
   const input = cell(clip(job.input ?? ""), "text");
   input.title = input.textContent;
   const outcome = clip(job.error && job.status !== "done" ? job.error : job.result || "");
@@ -343,8 +438,8 @@ function renderRow(tr, job) {
     }
     actions.append(cancelButton);
   }
-  tr.replaceChildren(id, status, input, result, cell(String(job.attempts ?? ""), "num"),
-                     updated, actions);
+  tr.replaceChildren(id, status, priority, group, input, result,
+                     cell(String(job.attempts ?? ""), "num"), updated, actions);
 }
 
 function addRow(job, atTop) {
@@ -404,7 +499,9 @@ async function fillInputs() {
     for (const job of jobs) {
       const entry = job && state.rows.get(job.id);
       if (!entry) continue;
-      entry.job.input = job.input;
+      entry.job.input = job.input; // these never change
+      entry.job.priority = job.priority;
+      entry.job.group = job.group;
       if (newer(job, entry.job)) Object.assign(entry.job, job);
       renderRow(entry.tr, entry.job);
     }
@@ -508,8 +605,10 @@ async function submitJob(event) {
   event.preventDefault();
   const input = $("#submit-input");
   const delay = $("#submit-delay");
-  const body = { input: input.value };
+  const group = $("#submit-group");
+  const body = { input: input.value, priority: Number($("#submit-priority").value) };
   if (delay.value !== "") body.delay = Number(delay.value);
+  if (group.value !== "") body.group = group.value;
   const message = $("#submit-message");
   message.classList.remove("error");
   try {
@@ -630,5 +729,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#queue-select").addEventListener("change", chooseQueue);
   $("#retry-all").addEventListener("click", retryAll);
   $("#more").addEventListener("click", loadMore);
+  $("#limits-form").addEventListener("submit", saveLimits);
+  $("#limits-close").addEventListener("click", () => { $("#limits-form").hidden = true; });
   start();
 });

@@ -43,7 +43,7 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 TOKEN = "t0k-7f3c9e1d-never-echoed"
 SUMMARY = {"id", "status", "input", "result", "error", "attempts", "created", "updated",
-           "version"}
+           "version", "priority", "group"}
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------
@@ -92,7 +92,7 @@ async def work_one(worker: Worker) -> str:
     slot = worker.slots[0]
     job = await asyncio.to_thread(worker.take, slot)
     assert job is not None
-    await asyncio.to_thread(worker.process, slot, job)
+    await asyncio.to_thread(worker.process, slot, job, False)
     return job.id
 
 
@@ -498,7 +498,7 @@ async def test_jobs_newest_first_with_their_summary(client: Client,
     assert {frozenset(job) for job in page["jobs"]} == {frozenset(SUMMARY)}
     assert page["jobs"][0] | {"created": "", "updated": ""} == {
         "id": ids[4], "status": "queued", "input": "j4", "result": "", "error": "",
-        "attempts": 0, "created": "", "updated": "", "version": 1}
+        "attempts": 0, "created": "", "updated": "", "version": 1, "priority": 5, "group": None}
     later = await call(client, "POST", "/submit", 201, json={"input": "l", "delay": 60})
     page = await call(client, "GET", "/jobs?status=delayed", 200)
     assert [(j["id"], j["run_at"]) for j in page["jobs"]] == [(later["id"], later["run_at"])]
@@ -841,6 +841,7 @@ async def test_metrics_parse_and_match_stats(client: Client, r: redis.Redis, pre
     assert {name: f.type for name, f in families.items()} == {
         "jobs_submitted": "counter", "jobs_finished": "counter", "jobs_retried": "counter",
         "jobs": "gauge", "jobs_queue_length": "gauge", "jobs_dead_letter": "gauge",
+        "jobs_held_back": "gauge", "jobs_queue_paused": "gauge",
         "jobs_oldest_queued_age_seconds": "gauge", "jobs_workers": "gauge",
         "jobs_worker_slots": "gauge", "jobs_run_seconds": "histogram",
         "redis_used_memory_bytes": "gauge", "redis_maxmemory_bytes": "gauge",
@@ -1116,10 +1117,15 @@ def test_fuzzing_left_no_trace(fuzz_server: Fuzz) -> None:
     procs, server, base, r, prefix, _ = fuzz_server
     keys = Keys(prefix)
     jobs = {key.rsplit(":", 1)[1]: r.hgetall(key) for key in r.scan_iter(match=keys.job("*"))}
-    allowed = {keys.queue, keys.delayed, keys.counters, *(keys.index(s) for s in STATES),
-               *(keys.job(job_id) for job_id in jobs)}
+    priorities = [int(str(p)) for p in r.zrange(keys.priorities, 0, -1)]
+    lines = {keys.ready(p, str(g)): (p, g) for p in priorities
+             for g in r.lrange(keys.groups(p), 0, -1)}
+    allowed = {keys.delayed, keys.counters, keys.priorities, keys.wake, *lines,
+               *(keys.groups(p) for _, (p, _) in lines.items()),
+               *(keys.index(s) for s in STATES), *(keys.job(job_id) for job_id in jobs)}
     assert set(r.scan_iter(match=f"{prefix}:*")) <= allowed
-    queue, delayed = r.lrange(keys.queue, 0, -1), r.zrange(keys.delayed, 0, -1)
+    queue = [job_id for line in lines for job_id in r.lrange(line, 0, -1)]
+    delayed = r.zrange(keys.delayed, 0, -1)
     assert len(queue) == len(set(queue))
     for job_id, job in jobs.items():
         assert set(job) >= {"id", "input", "status", "result", "error", "attempts", "created",

@@ -91,7 +91,8 @@ async def test_submit_stores_and_queues_the_job(client: Client, r: RedisClient,
     assert re.fullmatch(r"[0-9a-f]{32}", job["id"])
     assert job | {"id": "", "created": "", "updated": ""} == {
         "id": "", "input": "hello world", "status": "queued", "result": "", "error": "",
-        "attempts": 0, "created": "", "updated": "", "version": 1, "queue": "default"}
+        "attempts": 0, "created": "", "updated": "", "version": 1, "queue": "default",
+        "priority": 5, "group": None}
     assert datetime.fromisoformat(job["created"]).utcoffset() is not None
     keys = Keys(prefix)
     assert r.lrange(keys.queue, 0, -1) == [job["id"]]
@@ -147,7 +148,7 @@ async def test_submit_refuses_a_large_body_before_reading_it(make_client: MakeCl
     await assert_error(response, 413, "too large")
     assert (await submit(client, "x" * 900))["input"] == "x" * 900
     assert sorted(k.split(":")[1] for k in job_keys(r, prefix)) == [  # one job, nothing else
-        "counters", "index", "job", "queue"]
+        "counters", "groups", "index", "job", "priorities", "queue", "wake"]
 
 
 async def test_status_errors(client: Client) -> None:
