@@ -124,6 +124,9 @@ class Keys:
     def stop(self, worker: str) -> str:  # set: ids of its running jobs asked to stop
         return f"{self.prefix}:stop:{worker}"
 
+    def stream(self, job_id: str) -> str:  # stream: the job's messages, by seq (see OUTPUT)
+        return f"{self.prefix}:stream:{job_id}"
+
 
 def now() -> str:
     """The current time in RFC 3339 with an offset."""
@@ -155,6 +158,10 @@ READS = "#!lua flags=no-writes\n"
 # state indexes (sorted by Redis's clock in microseconds); emit() publishes the new state on the
 # queue's channel, with sharded pub/sub (SPUBLISH): on a cluster it reaches the nodes of the
 # queue's slot only, and on one Redis it is the same as PUBLISH.
+# Every message of a job (its states, and its progress and output, see OUTPUT) is numbered
+# from 1 (`seq` in the job's hash; `state_seq` the number of its last state) and kept in the
+# job's history, a stream whose entry ids are those numbers ({seq}-0, one field `m`: the
+# message as published), so that a watcher can ask for the messages after one it saw.
 LUA_PRELUDE = """
 local P, NOW, RETENTION = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local function job_key(id) return P .. ':job:' .. id end
@@ -163,11 +170,19 @@ local function clock()  -- Redis's time: unix seconds, and microseconds as a sco
   return tonumber(t[1]), t[1] .. string.format('%06d', t[2])
 end
 local function emit(id)
-  local f = redis.call('HMGET', job_key(id), 'status', 'result', 'error', 'attempts', 'updated',
+  local key, stream = job_key(id), P .. ':stream:' .. id
+  local f = redis.call('HMGET', key, 'status', 'result', 'error', 'attempts', 'updated',
                       'version')
-  redis.call('SPUBLISH', P .. ':events', cjson.encode({id = id, status = f[1],
-    result = f[2] or '', error = f[3] or '', attempts = tonumber(f[4]) or 0, updated = f[5],
-    version = tonumber(f[6])}))
+  local seq = redis.call('HINCRBY', key, 'seq', 1)
+  redis.call('HSET', key, 'state_seq', seq)
+  local m = cjson.encode({type = 'state', id = id, status = f[1], result = f[2] or '',
+    error = f[3] or '', attempts = tonumber(f[4]) or 0, updated = f[5],
+    version = tonumber(f[6]), seq = seq})
+  redis.pcall('XADD', stream, seq .. '-0', 'm', m)  -- pcall: a history out of step loses this
+  if f[1] == 'done' or f[1] == 'failed' or f[1] == 'cancelled' then
+    redis.call('EXPIRE', stream, RETENTION)  -- the history expires with the job
+  end
+  redis.call('SPUBLISH', P .. ':events', m)
 end
 local function owner(slot) return string.match(slot or '', '^(.+)/%d+$') or slot or '' end
 -- Returns Redis's time in unix seconds.
@@ -657,6 +672,7 @@ local function retry(id, one)
   if status == 'failed' or status == 'cancelled' then
     if one then redis.call('LREM', P .. ':dead', 0, id) end
     redis.call('PERSIST', key)
+    redis.call('PERSIST', P .. ':stream:' .. id)
     bump(id, 'queued')
     redis.call('HSET', key, 'attempts', 0, 'result', '', 'error', '')
     redis.call('HDEL', key, 'cancel_requested', 'run_at')
@@ -756,7 +772,7 @@ return 1
 LIST = READS + LUA_PRELUDE + """
 local max, after, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local fields = {'status', 'input', 'result', 'error', 'attempts', 'created', 'updated', 'version',
-                'run_at', 'worker', 'cancel_requested', 'priority', 'group'}
+                'run_at', 'worker', 'cancel_requested', 'priority', 'group', 'progress'}
 local function cut(s)
   if #s <= 256 then return s end
   local n = 256
@@ -840,6 +856,47 @@ end
 return cjson.encode(out)
 """
 
+
+# -- a running job's progress and output (issue 17) ------------------------------------------
+
+# KEYS: job, its history (Keys.stream). ARGV: (prefix, now, retention), id, attempt, slot, the
+# history's bound (bytes of progress and output kept), the output's bytes (counted in
+# output_bytes), the job's newest progress as JSON ('' if none here), then the messages, each
+# a JSON object without its end: `seq` is added here (each message ends `"seq":` before it).
+# Appends them to the history, numbered on from the job's states, and publishes each; past the
+# bound, the oldest messages go (never the newest). Only the try that runs now writes: 0 if
+# this one no longer is the job's (ended, timed out, reclaimed), else the last seq. Refused
+# while Redis refuses writes (full): the pieces are lost, the job carries on.
+OUTPUT = WRITES + LUA_PRELUDE + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'worker')
+if f[1] ~= 'running' or f[2] ~= ARGV[5] or f[3] ~= ARGV[6] then return 0 end
+local added, seq = 0, 0
+for i = 10, #ARGV do
+  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  local m = ARGV[i] .. seq .. '}'
+  redis.call('XADD', KEYS[2], seq .. '-0', 'm', m)
+  redis.call('SPUBLISH', P .. ':events', m)
+  added = added + #m
+end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[9]) end
+if tonumber(ARGV[8]) > 0 then count('output_bytes', tonumber(ARGV[8])) end
+local max, stored = tonumber(ARGV[7]), redis.call('HINCRBY', KEYS[1], 'stored', added)
+if stored > max then  -- drop the oldest until what is left fits (the newest always stays)
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1][1]
+  local keep, from = nil, '-'
+  while not keep do
+    local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 64)
+    for _, e in ipairs(batch) do
+      if stored <= max or e[1] == last then keep = e[1] break end
+      if string.find(e[2][2], '^{"type":"[op]') then stored = stored - #e[2][2] end
+      from = '(' .. e[1]
+    end
+  end
+  redis.call('XTRIM', KEYS[2], 'MINID', keep)
+  redis.call('HSET', KEYS[1], 'stored', stored)
+end
+return seq
+"""
 
 def settings_of(flat: dict[str, Any]) -> dict[str, Any]:
     """A queue's settings as the API shows them, from its settings hash (or QUEUE's JSON)."""

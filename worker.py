@@ -35,7 +35,9 @@ import contextlib
 import ctypes
 import importlib
 import inspect
+import json
 import logging
+import math
 import os
 import random
 import signal
@@ -44,7 +46,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import FrameType
 from typing import Any, TypeVar, cast
 
@@ -62,6 +64,7 @@ from store import (
     FINISH,
     HELD,
     LEASE,
+    OUTPUT,
     PREFIX,
     RECLAIM,
     REDIS_ERRORS,
@@ -98,9 +101,15 @@ TIMEOUT = 300.0  # seconds a try may run
 TICK = 0.25  # seconds between the keeper's looks at the slots' deadlines
 HARD_STOP = 10.0  # seconds a cold stop may take giving jobs back before the process just exits
 MAX_LATER = 366 * 86_400  # seconds RetryLater may ask for at most (as a submit's delay)
+MAX_OUTPUT = 1 << 20  # bytes of a job's progress and output kept, by default (the newest)
+FLUSH_EVERY = 0.05  # seconds between two writes of a try's progress and output, at least
+FLUSH_BYTES = 64 * 1024  # ... unless this much is waiting: written at once
 
 T = TypeVar("T")
-Handler = Callable[[str], str] | Callable[[str], Awaitable[str]]
+# A handler takes the input (and, if it has a second parameter, the job's Context) and returns
+# the result: a plain function, an async one, or a generator (plain or async) whose pieces are
+# the output and, joined, the result.
+Handler = Callable[..., str | Awaitable[str] | Iterator[str] | AsyncIterator[str]]
 Tried = tuple[bool, str]  # how a try went: (True, result) or (False, error)
 
 
@@ -160,6 +169,7 @@ class Slot:
         self.task: asyncio.Task[Any] | None = None  # awaiting an async handler
         self.loop: asyncio.AbstractEventLoop | None = None  # the one async handlers run on
         self.stopped = threading.Event()  # its loop has ended
+        self.output: Output | None = None  # the running try's progress and output not written
 
     def idle(self) -> bool:
         """True once it can take no job any more: its loop ended, or it holds one."""
@@ -193,6 +203,108 @@ class Slot:
             self.task.cancel()
 
 
+class Output:
+    """A try's progress and output on their way to Redis: what the handler gave and no write
+    has taken yet, in order, the output pieces given one after another merged (up to
+    FLUSH_BYTES) and a progress superseded by the next one given right after it. The handler's
+    thread (or the event loop) only appends, under a lock held for no I/O; writes (worker.write)
+    take the lot, one at a time and in order."""
+
+    def __init__(self, job: Job, keys: Keys, slot: str, wake: threading.Event) -> None:
+        self.job, self.keys, self.slot = job, keys, slot
+        self.lock = threading.Lock()  # the pending messages: the handler's and the writes'
+        self.writing = threading.Lock()  # one write at a time, so they land in order
+        self.pending: list[tuple[str, Any]] = []  # ("output", [pieces]) or ("progress", {...})
+        self.size = 0  # characters pending
+        self.since = 0.0  # monotonic time the oldest pending message was given
+        self.written = -FLUSH_EVERY  # monotonic time of the last write
+        self.progress: str = ""  # the newest progress given since the last write, as JSON
+        self.unsent: tuple[list[str], int] = ([], 0)  # made, but Redis was out of reach
+        self.wake = wake  # the worker's writer thread
+
+    def add(self, kind: str, value: Any, size: int) -> None:
+        with self.lock:
+            empty = not self.pending
+            if kind == "output" and not empty and self.pending[-1][0] == "output" \
+                    and sum(map(len, self.pending[-1][1])) < FLUSH_BYTES:
+                self.pending[-1][1].append(value)
+            elif kind == "progress" and not empty and self.pending[-1][0] == "progress":
+                self.pending[-1] = (kind, value)
+            else:
+                self.pending.append((kind, [value] if kind == "output" else value))
+            if kind == "progress":
+                self.progress = json.dumps(value, separators=(",", ":"))
+            self.size += size
+            if empty:
+                self.since = time.monotonic()
+            due = empty or self.size >= FLUSH_BYTES
+        if due:  # the writer looks when the first message comes and when a batch is full
+            self.wake.set()
+
+    def due(self, now: float) -> float:
+        """When the pending messages are to be written (inf: none pending)."""
+        if not self.pending and not self.unsent[0]:
+            return float("inf")
+        if self.size >= FLUSH_BYTES:
+            return now
+        return max(self.since, self.written + FLUSH_EVERY)
+
+    def take(self) -> tuple[list[str], int, str]:
+        """Take what is pending: the messages as OUTPUT takes them, the output's bytes, and the
+        newest progress ('' if none)."""
+        with self.lock:
+            pending, progress = self.pending, self.progress
+            self.pending, self.size, self.progress = [], 0, ""
+            self.written = time.monotonic()
+        (messages, size), self.unsent = self.unsent, ([], 0)
+        head = {"id": self.job.id, "attempt": self.job.attempt}
+        for kind, value in pending:
+            if kind == "output":
+                data = "".join(value)
+                size += len(data.encode(errors="surrogatepass"))
+                body: dict[str, Any] = {"type": "output", **head, "data": data}
+            else:
+                body = {"type": "progress", **head, **value}
+            messages.append(json.dumps(body, separators=(",", ":"))[:-1] + ',"seq":')
+        return messages, size, progress
+
+    def give_back(self, messages: list[str], size: int, progress: str) -> None:
+        """Keep messages a write could not deliver (Redis out of reach) for the next one."""
+        with self.lock:
+            self.unsent = messages, size
+            self.progress = self.progress or progress
+
+
+class Context:
+    """The second argument of a handler that takes two: the job (`id`, `attempt`, `input`),
+    and ways to say how it is going while it runs. Neither waits for Redis: what is given is
+    written in batches (at most every 50 ms, or once 64 KiB wait), and every watcher gets it."""
+
+    def __init__(self, output: Output) -> None:
+        self._output = output
+        self.id, self.attempt, self.input = output.job.id, output.job.attempt, output.job.input
+
+    def progress(self, done: float, total: float | None = None, message: str = "") -> None:
+        """How far the job is: `done` a fraction (0 to 1) when total is None, else a count
+        of `total`; `message` a few words on what it is doing."""
+        for name, value in (("done", done), ("total", total)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value)):
+                raise TypeError(f"progress: {name} must be a finite number, not {value!r}")
+        if not isinstance(message, str):
+            raise TypeError(f"progress: message must be str, not {type(message).__name__}")
+        self._output.add("progress", {"done": done, "total": total, "message": message},
+                         len(message) + 32)
+
+    def emit(self, text: str) -> None:
+        """A piece of the job's output (pieces given close together may reach watchers as
+        one message)."""
+        if not isinstance(text, str):
+            raise TypeError(f"emit takes str, not {type(text).__name__}")
+        if text:
+            self._output.add("output", text, len(text))
+
+
 def load_handler(spec: str) -> Handler:
     """An argparse type: import MODULE:FUNCTION, or say in one line why it cannot be."""
     module_name, _, function_name = spec.partition(":")
@@ -205,6 +317,16 @@ def load_handler(spec: str) -> Handler:
     if not callable(handler):
         raise argparse.ArgumentTypeError(f"handler {spec!r} is not callable")
     return handler  # type: ignore[no-any-return]
+
+
+def takes_context(handler: Handler) -> bool:
+    """Whether the handler takes a second positional parameter (the job's Context)."""
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: they take the input
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 class Worker:
@@ -225,9 +347,12 @@ class Worker:
         prefix: str = PREFIX,
         min_replicas: int = 0,
         queues: tuple[str, ...] = (DEFAULT_QUEUE,),
+        max_output: int = MAX_OUTPUT,
     ) -> None:
         self.handler = handler
-        self.is_async = inspect.iscoroutinefunction(handler)
+        self.is_async = inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler)
+        self.takes_context = takes_context(handler)
+        self.max_output = max_output
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.lease = lease
@@ -252,6 +377,9 @@ class Worker:
         self._finish = self.redis.register_script(ALLOW_OOM + FINISH)
         self._reclaim = self.redis.register_script(RECLAIM)
         self._lease = self.redis.register_script(LEASE)
+        self._output = self.redis.register_script(OUTPUT)
+        self._written = threading.Event()  # wakes the writer: progress or output to write
+        self.refused = False  # Redis refused output: said once, until a write works again
         self.stopping = False  # the first signal: take no new job
         self.cold = False  # the second: give the jobs back and exit now
         self._stop_deadline = float("inf")  # monotonic time when the grace runs out
@@ -359,8 +487,10 @@ class Worker:
                     if late < TICK:
                         continue
                 slot.deadline = float("inf")
-                why, ran = slot.why, time.monotonic() - slot.began
+                why, ran, output = slot.why, time.monotonic() - slot.began, slot.output
             try:
+                if output is not None:
+                    self.write(output)
                 self.finish(slot, job, *self.outcome(job, (False, why)), ran=ran,
                             take_next=False)
             except REDIS_ERRORS:
@@ -513,6 +643,58 @@ class Worker:
                         self.min_replicas, WAIT_MS)
         return reply
 
+    def writer(self) -> None:
+        """Thread: write each running try's progress and output as it becomes due (see
+        Output.due): the first message at once, then at most every FLUSH_EVERY s, or as soon
+        as FLUSH_BYTES wait. Ends once the slots have."""
+        while not all(slot.stopped.is_set() for slot in self.slots):
+            self._written.clear()  # before looking: a message given meanwhile sets it again
+            wait, now = float(BLOCK), time.monotonic()
+            for slot in self.slots:
+                if (output := slot.output) is None:
+                    continue
+                if output.due(now) <= now:
+                    self.write(output)
+                    wait = min(wait, FLUSH_EVERY)
+                else:
+                    wait = min(wait, output.due(now) - now)
+            self._written.wait(wait)
+
+    def write(self, output: Output, final: bool = False) -> None:
+        """Write a try's pending progress and output (one OUTPUT call; one write at a time per
+        try, so they land in order). Redis out of reach: kept for the next write (the final one,
+        before the try's outcome, waits for Redis as the outcome does). Refused (Redis full):
+        dropped; the job carries on, and its result still counts."""
+        delay = 0.0
+        with output.writing:
+            while True:
+                messages, size, progress = output.take()
+                if not messages:
+                    return
+                job, keys = output.job, output.keys
+                try:
+                    self._output(keys=[keys.job(job.id), keys.stream(job.id)], args=[
+                        *self.common(keys), job.id, job.attempt, output.slot, self.max_output,
+                        size, progress, *messages])
+                except UNAVAILABLE as exc:
+                    refresh(self.redis, exc)
+                    output.give_back(messages, size, progress)
+                    if not final:
+                        return
+                    delay = self.retry_delay(exc, delay)
+                    time.sleep(delay)
+                    continue
+                except REDIS_ERRORS as exc:
+                    if not self.refused:
+                        log.warning("redis refused a job's output (%s); dropping it, the job "
+                                    "carries on", redis_said(exc))
+                        self.refused = True
+                    return
+                if self.refused:
+                    log.info("redis takes output again")
+                    self.refused = False
+                return
+
     def retry_delay(self, exc: Exception, delay: float) -> float:
         """The next wait of a slot retrying a Redis step: 0.1 s, doubling up to
         REDIS_RETRY_CAP. The first failure of a run of them, in any slot, is said in one line."""
@@ -572,15 +754,17 @@ class Worker:
             raise TypeError(f"handler returned {type(result).__name__}, not str")
         return result
 
-    def call_handler(self, slot: Slot, job: Job) -> Tried | RetryLater:
+    def call_handler(self, slot: Slot, job: Job, output: Output) -> Tried | RetryLater:
         """Run the handler on the job, up to the timeout: a plain one on this (the slot's)
-        thread, an async one awaited on the worker's event loop. The only place where the
-        kind of handler matters."""
+        thread, an async one awaited on the worker's event loop; given the job's Context if it
+        takes one; a generator's pieces written as output. The only place where the kind of
+        handler matters."""
         slot.begin(job, self.timeout)
         try:
             if self.loop is None:
-                return True, self.checked(self.handler(job.input))
-            return asyncio.run_coroutine_threadsafe(self.await_handler(slot, job),
+                return True, self.checked(self.drain(self.handler(*self.arguments(output)),
+                                                     output))
+            return asyncio.run_coroutine_threadsafe(self.await_handler(slot, job, output),
                                                     self.loop).result()
         except Interrupted:
             return False, slot.why
@@ -591,7 +775,48 @@ class Worker:
         finally:
             slot.end()
 
-    async def await_handler(self, slot: Slot, job: Job) -> Tried | RetryLater:
+    def arguments(self, output: Output) -> tuple[Any, ...]:
+        return (output.job.input, Context(output)) if self.takes_context else (output.job.input,)
+
+    @staticmethod
+    def piece(value: object) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"handler yielded {type(value).__name__}, not str")
+        return value
+
+    @classmethod
+    def drain(cls, value: object, output: Output) -> object:
+        """What a plain handler returned; for a generator, each piece it yields written as
+        output, and then what it returned (if not None), else the pieces joined. Interrupted
+        (a time limit, a cancel) where it runs, it stops there."""
+        if not inspect.isgenerator(value):
+            return value
+        pieces: list[str] = []
+        try:
+            while True:
+                try:
+                    piece = cls.piece(next(value))
+                except StopIteration as stop:
+                    return "".join(pieces) if stop.value is None else stop.value
+                pieces.append(piece)
+                output.add("output", piece, len(piece))
+        finally:
+            value.close()
+
+    @classmethod
+    async def adrain(cls, value: AsyncIterator[object], output: Output) -> str:
+        """drain() for an async generator (which returns nothing: the pieces joined)."""
+        pieces: list[str] = []
+        try:
+            async for item in value:
+                piece = cls.piece(item)
+                pieces.append(piece)
+                output.add("output", piece, len(piece))
+        finally:
+            await cast(Any, value).aclose()
+        return "".join(pieces)
+
+    async def await_handler(self, slot: Slot, job: Job, output: Output) -> Tried | RetryLater:
         """On the event loop: await an async handler in a task of its own, which interrupt()
         cancels (only while the handler is awaited, as asyncio.timeout does)."""
         task = cast(asyncio.Task[Any], asyncio.current_task())
@@ -601,7 +826,10 @@ class Worker:
             slot.task = task
         try:
             async with asyncio.timeout(self.timeout or None) as limit:
-                return True, self.checked(await cast(Awaitable[str], self.handler(job.input)))
+                value = self.handler(*self.arguments(output))
+                if inspect.isasyncgen(value):
+                    return True, self.checked(await self.adrain(value, output))
+                return True, self.checked(await cast(Awaitable[str], value))
         except asyncio.CancelledError:  # interrupted: nothing else cancels this task
             task.uncancel()
             return False, slot.why
@@ -613,11 +841,14 @@ class Worker:
     def process(self, slot: Slot, job: Job, chain: bool = True) -> Job | None:
         """Run one job to its outcome; return the slot's next one if finishing took it (with
         chain)."""
+        slot.output = output = Output(job, slot.taken_from, slot.name, self._written)
         try:
-            tried = self.call_handler(slot, job)
+            tried = self.call_handler(slot, job, output)
         except Interrupted:  # raised as the handler ended, before it could be withdrawn
             slot.end()
             tried = False, slot.why
+        self.write(output, final=True)  # its output before its outcome
+        slot.output = None
         outcome, ran = self.outcome(job, tried), time.monotonic() - slot.began
         return self.until_redis_takes(lambda: self.finish(slot, job, *outcome, ran=ran,
                                                           take_next=chain))
@@ -666,6 +897,7 @@ class Worker:
         if self.is_async:  # the loop async handlers are awaited on
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name="handlers", daemon=True).start()
+        threading.Thread(target=self.writer, name="output", daemon=True).start()
         threads = [threading.Thread(target=self.work, args=(slot,), name=slot.name, daemon=True)
                    for slot in self.slots]
         for thread in threads:
@@ -760,6 +992,11 @@ def main(argv: list[str] | None = None) -> int:
                         default=from_env(parser, "JOBS_MIN_REPLICAS", number(int, 0), 0),
                         help="after finishing a job, wait (up to 1 s) for this many replicas of "
                              "Redis to have it (env JOBS_MIN_REPLICAS; default %(default)s)")
+    parser.add_argument("--max-output", type=number(int, 0), default=MAX_OUTPUT,
+                        metavar="BYTES",
+                        help="bytes of a job's progress and output kept for watchers that join "
+                             "late or reconnect; past it the oldest go (default %(default)s: "
+                             "1 MiB)")
     parser.add_argument("--check", action="store_true",
                         help="check the settings and load the handler, then exit 0 without "
                              "starting (Redis is not contacted)")
@@ -774,7 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
                     timeout=args.timeout, max_attempts=args.max_attempts, lease=args.lease,
                     grace=args.grace, backoff=args.backoff, retention=args.retention,
                     prefix=args.prefix, min_replicas=args.min_replicas,
-                    queues=tuple(args.queues))
+                    queues=tuple(args.queues), max_output=args.max_output)
     return worker.run()
 
 
