@@ -90,13 +90,15 @@ MAX_INPUT_BYTES = 1 << 20  # request bodies above this are refused with 413
 HEARTBEAT = 30.0  # seconds between WebSocket pings and SSE keepalive comments
 POOL_SIZE = 128  # Redis connections; a request waits for a free one rather than failing
 POOL_WAIT = 5.0  # seconds a request waits for a pooled connection before 503
-BACKLOG = 32  # messages kept for a watcher that reads slowly; older ones are dropped
+BACKLOG = 32  # messages kept for a watcher that reads slowly (then it reads the job's history)
+HISTORY_PAGE = 500  # messages of a job's history read at once
 RESUBSCRIBE_MAX = 1.0  # seconds between tries to subscribe again, at most (a failover: ~2-3 s)
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 CURSOR = re.compile(r"([0-9]{1,17})-([0-9a-f]{32})")  # a next_cursor of GET /jobs
 RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:([0-9]{2})(\.[0-9]+)?"
                      r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")  # fromisoformat takes more
-TOTALS = ("submitted", "done", "failed", "retried", "cancelled")  # {prefix}:counters
+TOTALS = ("submitted", "done", "failed", "retried", "cancelled",
+          "output_bytes")  # {prefix}:counters
 PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most
 FEED_EVERY = 0.25  # seconds between the batches of /feed
@@ -110,35 +112,57 @@ MESSAGE_FIELDS = ("id", "status", "result", "error", "attempts", "updated", "ver
 
 @dataclass(frozen=True)
 class Update:
-    """One state of one job, as sent to watchers: JSON encoded once for all of them."""
+    """One message of one job (a state; or progress, output: see worker.Output), as sent to
+    watchers: JSON encoded once for all of them. `seq` numbers a job's messages from 1 (0: a
+    state published by a program older than seq)."""
 
     version: int
     terminal: bool
     data: bytes
+    seq: int = 0
+    kind: str = "state"
 
 
 class Watcher:
-    """The updates waiting for one WebSocket or SSE stream. None means: the server is closing."""
+    """The updates waiting for one WebSocket or SSE stream. None means: the server is closing.
+    A job's watcher is `resumable`: should it fall BACKLOG messages behind, it drops them all
+    and is `behind`: it reads what it missed from the job's history (see relay). A /feed
+    stream's drops the oldest and is `overflowed`: it must start over."""
 
-    def __init__(self) -> None:
-        self._pending: deque[Update | None] = deque(maxlen=BACKLOG)
+    def __init__(self, resumable: bool = False) -> None:
+        self._pending: deque[Update | None] = deque()
         self._ready = asyncio.Event()
-        self.overflowed = False  # an update was dropped: a /feed stream must start over
+        self.resumable = resumable
+        self.overflowed = False
+        self.behind = False
+        self.first: Update | None = None  # a job's state when it began watching
+        self.floor = 0  # ... and the seq of the job's last message then
 
     def put(self, update: Update | None) -> None:
-        self.overflowed = self.overflowed or len(self._pending) == BACKLOG
+        if update is not None and len(self._pending) >= BACKLOG:
+            self.overflowed = True
+            if self.resumable:  # all of them are in the job's history
+                self._pending.clear()
+                self.catch_up()
+                return
+            self._pending.popleft()
         self._pending.append(update)
         self._ready.set()
 
+    def catch_up(self) -> None:
+        """Have the stream read the job's history before its next live message."""
+        self.behind = True
+        self._ready.set()
+
     async def get(self) -> Update | None:
-        while not self._pending:
+        """The next update; or, when `behind` (nothing pending then), the last one again."""
+        while not self._pending and not self.behind:
             self._ready.clear()
             await self._ready.wait()
-        return self._pending.popleft()
+        return self._pending.popleft() if self._pending else CATCH_UP
 
-    def peek(self) -> Update | None:
-        """The next update without taking it: right after registering, the job's state."""
-        return self._pending[0] if self._pending else None
+
+CATCH_UP = Update(0, False, b"")  # what Watcher.get returns when it is to read history
 
 
 async def read_job(redis: AsyncClient, key: str) -> dict[str, str]:
@@ -147,11 +171,14 @@ async def read_job(redis: AsyncClient, key: str) -> dict[str, str]:
 
 
 def update_from_job(job: dict[str, str]) -> Update:
-    """The message for a job hash as read from Redis (the same shape the worker publishes)."""
-    message: dict[str, str | int] = {f: job.get(f, "") for f in MESSAGE_FIELDS}
+    """The state message for a job hash as read from Redis (the same shape the worker
+    publishes), with the seq of the job's last state."""
+    message: dict[str, str | int] = {"type": "state"}
+    message |= {f: job.get(f, "") for f in MESSAGE_FIELDS}
     message["attempts"] = int(job.get("attempts", 0))
     message["version"] = version = int(job.get("version", 0))
-    return Update(version, job["status"] in TERMINAL, json.dumps(message).encode())
+    message["seq"] = seq = int(job.get("state_seq", 0))
+    return Update(version, job["status"] in TERMINAL, json.dumps(message).encode(), seq)
 
 
 class Topic:
@@ -164,11 +191,23 @@ class Topic:
     def __init__(self) -> None:
         self.watchers: set[Watcher] = set()
         self.latest: Update | None = None
-        self.loading: asyncio.Task[None] | None = None
+        self.seq = 0  # of the job's newest message this server has seen
+        self.loading: asyncio.Task[tuple[Update | None, int]] | None = None
+
+    def note(self, update: Update) -> bool:
+        """Keep a state if it is newer than `latest`; True if it is."""
+        if update.kind == "state" and (self.latest is None
+                                       or update.version > self.latest.version):
+            self.latest = update
+            return True
+        return False
 
     def offer(self, update: Update) -> None:
-        if self.latest is None or update.version > self.latest.version:
-            self.latest = update
+        """A message from pub/sub: to every watcher (each skips what it has sent). A state
+        without a seq (from an older program) only if it is newer."""
+        newer = self.note(update)
+        self.seq = max(self.seq, update.seq)
+        if update.seq or newer:
             for watcher in self.watchers:
                 watcher.put(update)
 
@@ -240,35 +279,41 @@ class Hub:
                     feed.put(Update(0, False, data))
 
     @contextlib.asynccontextmanager
-    async def watch(self, keys: Keys, job_id: str) -> AsyncIterator[Watcher | None]:
-        """Register a watcher, then give it the job's state (None: no such job). Registering
-        first means no change can fall between the state read and the first message."""
+    async def watch(self, keys: Keys, job_id: str) -> AsyncIterator[tuple[Watcher, Topic] | None]:
+        """Register a watcher, then note the job's state in it (`first`) and the seq of the
+        job's last message then (`floor`): every message after `floor` reaches the watcher
+        live, or (behind) from the history. None: no such job."""
         if keys.name not in self.listeners and not await self.registered(keys):
             yield None  # no job was ever submitted to that queue
             return
-        watcher, name = Watcher(), (keys.name, job_id)
+        watcher, name = Watcher(resumable=True), (keys.name, job_id)
         topic = self.topics.setdefault(name, Topic())
         topic.watchers.add(watcher)
         self.follow(keys)
         try:
             if topic.latest is not None:
-                watcher.put(topic.latest)
+                watcher.first, watcher.floor = topic.latest, topic.seq
             else:  # one read serves every watcher that arrives while it runs
                 if topic.loading is None or topic.loading.done():
                     topic.loading = asyncio.create_task(self.load(keys, job_id, topic))
                     # Its error goes to every waiter; retrieve it even if all have gone.
                     topic.loading.add_done_callback(lambda t: t.cancelled() or t.exception())
-                await asyncio.shield(topic.loading)
-            yield watcher if topic.latest is not None else None
+                watcher.first, watcher.floor = await asyncio.shield(topic.loading)
+            yield (watcher, topic) if watcher.first is not None else None
         finally:
             topic.watchers.discard(watcher)
             if not topic.watchers:
                 del self.topics[name]
 
-    async def load(self, keys: Keys, job_id: str, topic: Topic) -> None:
+    async def load(self, keys: Keys, job_id: str, topic: Topic) -> tuple[Update | None, int]:
+        """The job's state and the seq of its last message, read together (None: no job)."""
         job = await read_job(self.redis, keys.job(job_id))
-        if job:
-            topic.offer(update_from_job(job))
+        if not job:
+            return None, 0
+        state, seq = update_from_job(job), int(job.get("seq", 0))
+        topic.note(state)
+        topic.seq = max(topic.seq, seq)
+        return state, seq
 
     def close(self) -> None:
         for topic in self.topics.values():
@@ -287,18 +332,30 @@ class Hub:
             jobs = await pipe.execute()
         for name, job in zip(names, jobs, strict=True):
             if job and name in self.topics:
-                self.topics[name].offer(update_from_job(job))
+                topic, update = self.topics[name], update_from_job(job)
+                if not update.seq:
+                    topic.offer(update)
+                    continue
+                topic.note(update)  # what was missed is read from the history
+                topic.seq = max(topic.seq, int(job.get("seq", 0)))
+                for watcher in topic.watchers:
+                    watcher.catch_up()
 
     def dispatch(self, keys: Keys, data: str) -> None:
         try:
             message = json.loads(data)
-            job_id, version, status = message["id"], int(message["version"]), message["status"]
+            update = parsed(message, data.encode())
+            job_id = message["id"]
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed message on %s: %.200r", keys.events, data)
             return
         if (topic := self.topics.get((keys.name, job_id))) is not None:
-            topic.offer(Update(version, status in TERMINAL, data.encode()))
-        if self.feeds:  # the newest FEED_MAX jobs changed, each with its newest message
+            topic.offer(update)
+        if update.kind == "progress" and self.feeds:  # the page shows it on running jobs
+            name = f"{keys.name}/{job_id}/progress"
+            self.batch.pop(name, None)
+            self.batch[name] = json.dumps({"queue": keys.name} | message)
+        if update.kind == "state" and self.feeds:  # the newest FEED_MAX jobs changed
             message["queue"] = keys.name
             # the page shows the start of a result or error
             message["result"] = str(message.get("result", ""))[:FEED_CUT]
@@ -348,6 +405,15 @@ class Hub:
                 await cancel_and_wait(task)
         await self.nodes.aclose()
         await self.nodes.client.aclose()
+
+
+def parsed(message: dict[str, Any], data: bytes) -> Update:
+    """A job's message (as published, and as kept in its history) as an Update; KeyError,
+    TypeError or ValueError if it is not one."""
+    kind, seq = message.get("type", "state"), int(message.get("seq") or 0)
+    if kind == "state":
+        return Update(int(message["version"]), message["status"] in TERMINAL, data, seq)
+    return Update(0, False, data, seq, str(kind))
 
 
 class Scripts:
@@ -494,7 +560,12 @@ def shown(job: dict[str, Any]) -> dict[str, Any]:
     """A job as the API shows it (a hash from Redis, or as new_jobs made it): its numbers as
     numbers, and last its `priority` (5 for a job stored before priorities) and `group` (null
     when it has none)."""
-    rest = {name: value for name, value in job.items() if name not in ("priority", "group")}
+    rest = {name: value for name, value in job.items()
+            if name not in ("priority", "group", "state_seq", "stored")}
+    if "progress" in rest:  # the newest progress of a try, as the worker's Context gave it
+        rest["progress"] = json.loads(rest["progress"])
+    if "seq" in rest:  # of the job's last message (after=SEQ: what comes next)
+        rest["seq"] = int(rest["seq"])
     return rest | {"attempts": int(job.get("attempts", 0)), "version": int(job.get("version", 0)),
                    "priority": int(job.get("priority", DEFAULT_PRIORITY)),
                    "group": job.get("group") or None}
@@ -930,14 +1001,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def watching(request: web.Request) -> AsyncIterator[Watcher]:
-    """Check the request, then watch the job; its current state is the first message."""
+async def watching(request: web.Request) -> AsyncIterator[Stream]:
+    """Check the request, then watch the job: a Stream of its messages, from its current
+    state, or (after=SEQ; for /events, a Last-Event-ID header wins) the messages after SEQ."""
     job_id, keys = job_id_of(request), queue_of(request)
+    after = after_of(request)
     check_origin(request)
-    async with request.app[HUB].watch(keys, job_id) as watcher:
-        if watcher is None:
+    async with request.app[HUB].watch(keys, job_id) as watching:
+        if watching is None:
             raise error(web.HTTPNotFound, "no job with that id")
-        yield watcher
+        yield Stream(request.app[HUB], keys, job_id, *watching, after)
 
 
 def check_origin(request: web.Request) -> None:
@@ -947,19 +1020,6 @@ def check_origin(request: web.Request) -> None:
     if origin is not None and "*" not in allowed and origin not in allowed \
             and origin != f"{request.scheme}://{request.host}":
         raise error(web.HTTPForbidden, f"origin {origin} is not allowed")
-
-
-async def relay(watcher: Watcher, send: Callable[[Update], Awaitable[object]],
-                sent: int = 0) -> bool:
-    """Send each state newer than `sent` in order; True after a terminal one, False if the
-    server closes (or the peer went away)."""
-    while (update := await watcher.get()) is not None:
-        if update.version > sent:
-            await send(update)
-            sent = update.version
-            if update.terminal:
-                return True
-    return False
 
 
 async def read_until_closed(ws: web.WebSocketResponse, watcher: Watcher, pinger: Pinger) -> None:
@@ -982,9 +1042,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         await ws.prepare(request)
         pinger = request.app[PINGER]
         pinger.add(ws, request.transport)  # type: ignore[arg-type]  # set while connected
-        reader = asyncio.create_task(read_until_closed(ws, watcher, pinger))
+        reader = asyncio.create_task(read_until_closed(ws, watcher.watcher, pinger))
         try:
-            finished = await relay(watcher, lambda u: ws.send_frame(u.data, WSMsgType.TEXT))
+            finished = await watcher.relay(lambda u: ws.send_frame(u.data, WSMsgType.TEXT))
         except ConnectionError:  # the peer went away mid-send
             finished = False
         finally:
@@ -998,21 +1058,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def last_event_id(request: web.Request) -> int:
-    """The version an EventSource saw last before reconnecting (0 on a first connection)."""
-    value = request.headers.get("Last-Event-ID", "")
-    if not value:
-        return 0
-    if not value.isdigit():
-        raise error(web.HTTPBadRequest, "Last-Event-ID must be an event id this server sent")
-    return int(value)
-
-
 async def events(request: web.Request) -> web.StreamResponse:
-    seen = last_event_id(request)
     async with watching(request) as watcher:
-        state = watcher.peek()
-        if seen and state is not None and state.terminal and state.version <= seen:
+        state = watcher.watcher.first
+        if "Last-Event-ID" in request.headers and state is not None and state.terminal \
+                and state.seq <= (watcher.after or 0):
             # A reconnect after the end: 204 is what tells an EventSource to stop reconnecting.
             return web.Response(status=204)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -1020,9 +1070,9 @@ async def events(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
 
         async def send(update: Update) -> None:
-            await response.write(b"id: %d\ndata: %b\n\n" % (update.version, update.data))
+            await response.write(b"id: %d\ndata: %b\n\n" % (update.seq, update.data))
 
-        sender = asyncio.create_task(relay(watcher, send, seen))
+        sender = asyncio.create_task(watcher.relay(send))
         try:
             while not (await asyncio.wait({sender}, timeout=request.app[PINGER].interval))[0]:
                 await response.write(b": keepalive\n\n")
@@ -1065,6 +1115,126 @@ async def feed(request: web.Request) -> web.StreamResponse:
     finally:
         hub.feeds.discard(watcher)
     return response
+
+
+# -- a job's messages: its history, after=SEQ, its output so far (issue 17) -----------------
+
+def after_of(request: web.Request) -> int | None:
+    """The seq a watcher has seen (None: it names none and starts from the job's current
+    state): an EventSource's Last-Event-ID when it reconnects, else the URL's `after`."""
+    for name, value in (("Last-Event-ID", request.headers.get("Last-Event-ID")),
+                        ("after", request.query.get("after"))):
+        if value is None or (name == "Last-Event-ID" and request.path != "/events"):
+            continue
+        if not (value.isascii() and value.isdigit() and len(value) <= 18):
+            raise error(web.HTTPBadRequest, f"{name} must be the seq of a message this server "
+                                            f"sent (a whole number), or 0 for the whole history")
+        return int(value)
+    return None
+
+
+def from_history(entry_id: str, fields: dict[str, str]) -> Update:
+    """An entry of a job's history as the Update it was published as."""
+    data = fields["m"]
+    if data.startswith(('{"type":"output"', '{"type":"progress"')):  # made by the worker
+        return Update(0, False, data.encode(), int(entry_id.split("-")[0]),
+                      data[9:data.index('"', 9)])
+    return parsed(json.loads(data), data.encode())
+
+
+class Stream:
+    """What one watcher of a job is sent: every message after `sent`, once, in order. Live
+    messages come through its Watcher; whatever it did not get that way (it joined with
+    after=SEQ, fell BACKLOG behind, a gap in the seqs, the server resubscribed) is read from
+    the job's history first. Its sends wait for its peer only."""
+
+    def __init__(self, hub: Hub, keys: Keys, job_id: str, watcher: Watcher, topic: Topic,
+                 after: int | None) -> None:
+        self.hub, self.keys, self.job_id = hub, keys, job_id
+        self.watcher, self.topic, self.after = watcher, topic, after
+        self.sent, self.version = 0, 0
+
+    async def relay(self, send: Callable[[Update], Awaitable[object]]) -> bool:
+        """Send the messages until the job's terminal state; True once it is sent, False if
+        the server closes (or the peer went away)."""
+        watcher, first = self.watcher, self.watcher.first
+        assert first is not None  # a job being watched
+        if self.after is None:  # today's start: the current state, then what comes after
+            await send(first)
+            if first.terminal:
+                return True
+            self.sent, self.version = max(watcher.floor, first.seq), first.version
+        else:
+            self.sent = self.after
+            watcher.catch_up()
+        while True:
+            latest = self.topic.latest
+            if latest is not None and 0 < latest.seq <= self.sent:  # all sent, seq-wise
+                if 0 < self.version < latest.version:  # a state in no history (set by hand)
+                    await send(latest)
+                    self.version = latest.version
+                if latest.terminal:
+                    return True  # it ended, and that was sent (or came before `after`)
+            update = await watcher.get()
+            if update is None:
+                return False
+            if update is CATCH_UP:
+                watcher.behind = False
+                for update in await self.history():
+                    if await self.deliver(update, send):
+                        return True
+                continue
+            if update.seq and update.seq > self.sent + 1:  # a gap: read it from the history
+                watcher.catch_up()
+            elif (update.seq > self.sent or (not update.seq and update.version > self.version)) \
+                    and await self.deliver(update, send):
+                return True
+
+    async def deliver(self, update: Update, send: Callable[[Update], Awaitable[object]]) -> bool:
+        """Send one message; True if it is the job's end."""
+        if update.seq and update.seq <= self.sent:
+            return False
+        await send(update)
+        self.sent = update.seq or self.sent
+        self.version = max(self.version, update.version)
+        return update.terminal
+
+    async def history(self) -> list[Update]:
+        """The job's messages after `sent`, a page of them (catch_up again if there is more);
+        first a `trimmed` message if the oldest of them are no longer kept."""
+        entries: list[tuple[str, dict[str, str]]] = await self.hub.redis.xrange(  # type: ignore[assignment]
+            self.keys.stream(self.job_id), min=f"{self.sent + 1}-0", max="+", count=HISTORY_PAGE)
+        if len(entries) == HISTORY_PAGE:
+            self.watcher.catch_up()
+        updates = [from_history(entry_id, fields) for entry_id, fields in entries]
+        if updates and updates[0].seq > self.sent + 1:
+            seq = updates[0].seq - 1
+            data = json.dumps({"type": "trimmed", "id": self.job_id, "seq": seq,
+                               "missed": seq - self.sent}).encode()
+            updates.insert(0, Update(0, False, data, seq, "trimmed"))
+        return updates
+
+
+async def output(request: web.Request) -> web.Response:
+    """GET /jobs/ID/output: the output the job's latest try has made so far, joined, as text
+    (as much of it as the history keeps: see worker.py --max-output)."""
+    job_id, keys = job_id_of(request), queue_of(request)
+    redis = request.app[REDIS]
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.job(job_id), ["status", "attempts"])
+        pipe.xrange(keys.stream(job_id))
+        (status, attempts), entries = await pipe.execute()
+    if status is None:
+        raise error(web.HTTPNotFound, "no job with that id")
+    pieces, trimmed = [], bool(entries) and not entries[0][0].startswith("1-")
+    for _, fields in entries:
+        if fields["m"].startswith('{"type":"output"'):
+            message = json.loads(fields["m"])
+            if message["attempt"] == int(attempts or 0):
+                pieces.append(message["data"])
+    return web.Response(text="".join(pieces), content_type="text/plain", charset="utf-8",
+                        headers={"Job-Status": status, "Job-Attempt": str(attempts or 0),
+                                 "Output-Trimmed": "yes" if trimmed else "no"})
 
 
 # -- access control, the dashboard, and counting requests ------------------------------------
@@ -1239,6 +1409,7 @@ def make_app(
     app.router.add_post("/jobs/retry-failed", retry_failed)
     app.router.add_post("/jobs/{id}/retry", retry)
     app.router.add_post("/jobs/{id}/cancel", cancel)
+    app.router.add_get("/jobs/{id}/output", output)
     app.router.add_get("/queues", list_queues)
     app.router.add_get("/queues/{name}", get_queue)
     app.router.add_put("/queues/{name}", set_queue)
