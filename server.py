@@ -965,6 +965,9 @@ async def metrics(request: web.Request) -> web.Response:
            {f'{{status="{k}"}}': s["totals"][k] for k in TERMINAL})
     metric("jobs_retried_total", "counter", "Jobs sent back for another try.",
            {"": s["totals"]["retried"]})
+    metric("jobs_output_bytes_total", "counter",
+           "Bytes of output that running jobs streamed (UTF-8), as written to Redis.",
+           {"": s["totals"]["output_bytes"]})
     metric("jobs", "gauge", "Jobs in each state.",
            {f'{{status="{k}"}}': n for k, n in s["jobs"].items()})
     metric("jobs_queue_length", "gauge", "Jobs waiting on the queue.", {"": s["queue_length"]})

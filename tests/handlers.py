@@ -6,8 +6,9 @@ import functools
 import json
 import os
 import time
+from collections.abc import AsyncIterator, Generator, Iterator
 
-from worker import RetryLater
+from worker import Context, RetryLater
 
 
 def slow(text: str) -> str:
@@ -129,3 +130,77 @@ def _append(path: str, name: str, what: str) -> None:
         os.write(fd, f"{time.time():.6f} {what} {name}\n".encode())
     finally:
         os.close(fd)
+
+
+def stream(text: str, ctx: Context) -> str:
+    """Input {"pieces": N, "seconds": S, "every": K, "gate": PATH}: emit N pieces ("<i> ")
+    over S seconds, and a progress every K pieces; with "gate", wait for the file PATH to
+    exist first (the test opens it). Returns "streamed N"."""
+    spec = json.loads(text)
+    if gate := spec.get("gate"):
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+    pieces, every = int(spec["pieces"]), int(spec.get("every", 0))
+    start = time.monotonic()
+    for i in range(pieces):
+        ctx.emit(f"{i} ")
+        if every and (i + 1) % every == 0:
+            ctx.progress(i + 1, pieces, f"{i + 1} pieces")
+        pause = start + spec.get("seconds", 0) * (i + 1) / pieces - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+    return f"streamed {pieces}"
+
+
+def words(text: str) -> Iterator[str]:
+    """A generator: each word of the input (with its space), 20 ms apart; "sleep N" first
+    naps N s in 10 ms steps (interruptible)."""
+    if text.startswith("sleep "):
+        nap(text.split()[1])
+    for word in text.split(" "):
+        yield word + " "
+        time.sleep(0.02)
+
+
+async def async_words(text: str) -> AsyncIterator[str]:
+    """words() as an async generator."""
+    if text.startswith("sleep "):
+        await asyncio.sleep(float(text.split()[1]))
+    for word in text.split(" "):
+        yield word + " "
+        await asyncio.sleep(0.02)
+
+
+def returns_its_own(text: str) -> Generator[str, None, str]:
+    """A generator that returns a result of its own: the pieces are output only."""
+    yield "working... "
+    return "the result"
+
+
+def tokens(text: str, ctx: Context) -> str:
+    """Input "N": emit N tokens one at a time, each made with about 50 us of work (the bench's
+    streaming row); "N joined": the same work, the tokens returned at once."""
+    n, _, mode = text.partition(" ")
+    made = []
+    for i in range(int(n)):
+        end = time.perf_counter() + 50e-6
+        while time.perf_counter() < end:
+            pass
+        token = f"t{i} "
+        if mode == "joined":
+            made.append(token)
+        else:
+            ctx.emit(token)
+            made.append(token)
+    return "".join(made)
+
+
+def fails_after_output(path: str, ctx: Context) -> str:
+    """Emit a piece, then fail the try that creates the file PATH; the next try succeeds."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        ctx.emit("second try ")
+        return "second try"
+    ctx.emit("first try ")
+    raise RuntimeError("first try fails")

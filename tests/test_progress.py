@@ -1,0 +1,409 @@
+"""Live progress and output (issue 17): a handler's progress and pieces reach every watcher of
+its job as they are made, numbered (seq) with its states; a watcher that joins late or
+reconnects with after=SEQ (or an EventSource's Last-Event-ID) gets exactly what it missed, once.
+Real programs (server.py, worker.py) against the test's Redis, and on the cluster marker's
+Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from store import Client, Keys
+from tests.conftest import ROOT, Procs, free_port, wait_until
+
+Message = tuple[int, str]  # (seq, the message as sent)
+
+
+@pytest.fixture
+def server(procs: Procs) -> Iterator[str]:
+    port = free_port()
+    procs.server(port)
+    yield f"http://127.0.0.1:{port}"
+
+
+def post(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as s, s.post(base + path, json=body) as response:
+            assert response.status < 300, await response.text()
+            return await response.json()  # type: ignore[no-any-return]
+    return asyncio.run(go())
+
+
+def submit(base: str, text: str) -> str:
+    return str(post(base, "/submit", {"input": text})["id"])
+
+
+def spec(**fields: Any) -> str:
+    return json.dumps(fields)
+
+
+def history(r: Client, prefix: str, job_id: str) -> list[Message]:
+    """What the job's history holds: every message ever sent about it, in order."""
+    return [(int(entry_id.split("-")[0]), fields["m"])
+            for entry_id, fields in r.xrange(Keys(prefix).stream(job_id))]
+
+
+async def ws_messages(session: aiohttp.ClientSession, base: str, job_id: str,
+                      after: int | None = None) -> AsyncIterator[Message]:
+    params = {"id": job_id} | ({} if after is None else {"after": str(after)})
+    async with session.ws_connect(f"{base}/ws", params=params) as ws:
+        async for message in ws:
+            assert message.type is aiohttp.WSMsgType.TEXT, message
+            yield json.loads(message.data)["seq"], message.data
+        assert ws.close_code == 1000
+
+
+async def sse_messages(session: aiohttp.ClientSession, base: str, job_id: str,
+                       after: int | None = None, last_event_id: int | None = None
+                       ) -> AsyncIterator[Message]:
+    """As an EventSource reads them: the id and data of each event."""
+    params = {"id": job_id} | ({} if after is None else {"after": str(after)})
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    async with session.get(f"{base}/events", params=params, headers=headers) as response:
+        if response.status == 204:
+            return
+        assert response.status == 200, await response.text()
+        fields: dict[str, str] = {}
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if not line and fields:
+                assert json.loads(fields["data"])["seq"] == int(fields["id"])
+                yield int(fields["id"]), fields["data"]
+                fields = {}
+            elif line and not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+
+
+async def read_all(messages: AsyncIterator[Message]) -> list[Message]:
+    return [message async for message in messages]
+
+
+def read(base: str, job_id: str, kind: str = "ws", **kwargs: Any) -> list[Message]:
+    async def go() -> list[Message]:
+        async with aiohttp.ClientSession() as s:
+            source = ws_messages if kind == "ws" else sse_messages
+            return await asyncio.wait_for(read_all(source(s, base, job_id, **kwargs)), 30)
+    return asyncio.run(go())
+
+
+def decoded(messages: list[Message]) -> list[dict[str, Any]]:
+    return [json.loads(data) for _, data in messages]
+
+
+def assert_whole(messages: list[Message]) -> None:
+    """Numbered from 1, no gap, no duplicate."""
+    assert [seq for seq, _ in messages] == list(range(1, len(messages) + 1))
+
+
+@pytest.mark.cluster
+def test_progress_and_output_reach_a_watcher_in_order(procs: Procs, server: str, r: Client,
+                                                       prefix: str) -> None:
+    procs.worker("--handler", "handlers:stream")
+    job_id = submit(server, spec(pieces=50, seconds=0.5, every=10))
+    messages = read(server, job_id, after=0)
+    assert_whole(messages)
+    assert messages == history(r, prefix, job_id)  # the same bytes, live or from history
+    got = decoded(messages)
+    states = [m for m in got if m["type"] == "state"]
+    assert [m["status"] for m in states] == ["queued", "running", "done"]
+    assert states[-1]["result"] == "streamed 50" and got[-1] == states[-1]
+    output = [m for m in got if m["type"] == "output"]
+    assert "".join(m["data"] for m in output) == "".join(f"{i} " for i in range(50))
+    assert all(m["id"] == job_id and m["attempt"] == 1 for m in output)
+    progress = [m for m in got if m["type"] == "progress"]
+    assert [(m["done"], m["total"], m["message"]) for m in progress] == [
+        (n, 50, f"{n} pieces") for n in range(10, 51, 10)]
+    assert 2 < len(output) < 50  # written in batches, while it ran (0.5 s, 50 ms apart)
+    assert got.index(progress[0]) < got.index(states[-1])
+
+    async def text() -> tuple[str, dict[str, str]]:
+        async with aiohttp.ClientSession() as s, \
+                s.get(f"{server}/jobs/{job_id}/output") as response:
+            assert response.status == 200 and response.content_type == "text/plain"
+            return await response.text(), dict(response.headers)
+    body, headers = asyncio.run(text())
+    assert body == "".join(f"{i} " for i in range(50))
+    assert (headers["Job-Status"], headers["Job-Attempt"]) == ("done", "1")
+
+
+@pytest.mark.parametrize("handler", ["words", "async_words"])
+def test_a_generator_streams_its_pieces_and_returns_them_joined(
+        procs: Procs, server: str, handler: str) -> None:
+    procs.worker("--handler", f"handlers:{handler}")
+    job_id = submit(server, "the quick brown fox")
+    got = decoded(read(server, job_id, after=0))
+    assert got[-1]["result"] == "the quick brown fox "
+    assert "".join(m["data"] for m in got if m["type"] == "output") == "the quick brown fox "
+
+
+def test_a_generator_that_returns_a_value_has_it_as_its_result(procs: Procs,
+                                                                server: str) -> None:
+    procs.worker("--handler", "handlers:returns_its_own")
+    got = decoded(read(server, submit(server, "x"), after=0))
+    assert got[-1]["result"] == "the result"
+    assert [m["data"] for m in got if m["type"] == "output"] == ["working... "]
+
+
+def test_a_job_that_emits_nothing_has_only_its_states(procs: Procs, server: str) -> None:
+    procs.worker()
+    job_id = submit(server, "hello")
+    got = decoded(read(server, job_id, after=0))
+    assert [(m["type"], m["status"], m["seq"]) for m in got] == [
+        ("state", "queued", 1), ("state", "running", 2), ("state", "done", 3)]
+    # Without after: the current state first (with its seq), as before.
+    assert decoded(read(server, job_id)) == [got[-1]]
+
+
+@pytest.mark.cluster
+def test_after_last_event_id_and_the_end(procs: Procs, server: str, r: Client,
+                                         prefix: str) -> None:
+    procs.worker("--handler", "handlers:stream")
+    job_id = submit(server, spec(pieces=30, seconds=0.3, every=10))
+    whole = read(server, job_id, after=0)
+    last = whole[-1][0]
+    for kind in ("ws", "sse"):
+        assert read(server, job_id, kind, after=5) == whole[5:]
+        assert read(server, job_id, kind, after=last) == []  # ended: nothing after the end
+    # An EventSource reconnects to the URL it was made with: its Last-Event-ID wins.
+    assert read(server, job_id, "sse", after=0, last_event_id=7) == whole[7:]
+    assert read(server, job_id, "sse", after=0, last_event_id=last) == []  # 204
+
+    async def status(**headers: str) -> int:
+        async with aiohttp.ClientSession() as s, \
+                s.get(f"{server}/events", params={"id": job_id}, headers=headers) as response:
+            return response.status
+    assert asyncio.run(status(**{"Last-Event-ID": str(last)})) == 204
+    assert asyncio.run(status(**{"Last-Event-ID": "x"})) == 400
+
+
+def test_history_is_bounded_and_a_late_watcher_is_told_what_it_missed(
+        procs: Procs, server: str, r: Client, prefix: str) -> None:
+    procs.worker("--handler", "handlers:stream", "--max-output", "400")
+    job_id = submit(server, spec(pieces=200, seconds=1.0, every=50))
+    live = read(server, job_id, "ws", after=0)  # joined before much was made: misses little
+    late = decoded(read(server, job_id, "sse", after=0))
+    assert late[0]["type"] == "trimmed" and late[0]["id"] == job_id
+    kept = history(r, prefix, job_id)
+    assert late[0]["missed"] == late[0]["seq"] == kept[0][0] - 1
+    assert [m["seq"] for m in late[1:]] == [seq for seq, _ in kept]
+    assert sum(len(data) for _, data in kept[:-1]) <= 400 + 200  # states are not counted
+    assert late[-1]["status"] == "done" and late[-1]["result"] == "streamed 200"
+    assert live[-1][1] == kept[-1][1]
+    body = post_get_text(server, f"/jobs/{job_id}/output")
+    assert body and "199 " in body and not body.startswith("0 ")
+
+
+def post_get_text(base: str, path: str) -> str:
+    async def go() -> str:
+        async with aiohttp.ClientSession() as s, s.get(base + path) as response:
+            return await response.text()
+    return asyncio.run(go())
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("handler", ["stream", "words"])
+def test_a_cancelled_stream_ends_with_its_cancelled_state(procs: Procs, server: str,
+                                                          handler: str) -> None:
+    procs.worker("--handler", f"handlers:{handler}")
+    text = spec(pieces=100_000, seconds=100) if handler == "stream" else "a " * 10_000
+    job_id = submit(server, text)
+
+    async def go() -> list[Message]:
+        got: list[Message] = []
+        async with aiohttp.ClientSession() as s:
+            async for message in ws_messages(s, server, job_id, after=0):
+                got.append(message)
+                if json.loads(message[1])["type"] == "output" and len(got) == 4:
+                    async with s.post(f"{server}/jobs/{job_id}/cancel") as response:
+                        assert response.status == 202
+        return got
+    got = asyncio.run(asyncio.wait_for(go(), 30))
+    assert_whole(got)
+    assert decoded(got)[-1]["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("handler", ["words", "async_words"])
+def test_a_time_limit_stops_a_generator(procs: Procs, server: str, handler: str) -> None:
+    procs.worker("--handler", f"handlers:{handler}", "--timeout", "0.5", "--max-attempts", "1")
+    job_id = submit(server, "a " * 1000)
+    got = decoded(read(server, job_id, after=0))
+    assert got[-1]["status"] == "failed" and "timed out" in got[-1]["error"]
+    assert any(m["type"] == "output" for m in got)
+
+
+def test_a_retried_try_is_told_apart_by_attempt(procs: Procs, server: str, tmp_path: Path
+                                               ) -> None:
+    procs.worker("--handler", "handlers:fails_after_output")
+    job_id = submit(server, str(tmp_path / "once"))
+    got = decoded(read(server, job_id, after=0))
+    output = [(m["attempt"], m["data"]) for m in got if m["type"] == "output"]
+    assert output == [(1, "first try "), (2, "second try ")]
+    assert got[-1]["status"] == "done" and got[-1]["attempts"] == 2
+
+
+def test_metrics_count_output_bytes(procs: Procs, server: str) -> None:
+    procs.worker("--handler", "handlers:words")
+    read(server, submit(server, "héllo wörld"), after=0)  # "héllo " "wörld ": 7 + 7 bytes
+    metrics = post_get_text(server, "/metrics")
+    assert "jobs_output_bytes_total 14" in metrics.splitlines(), metrics
+
+
+# -- the targets: 200 watchers joining at random moments and resuming at random --------------
+
+async def a_watcher(session: aiohttp.ClientSession, base: str, job_id: str, kind: str,
+                    rng: random.Random, join_within: float) -> list[Message]:
+    """Join at a random moment, from the start (after=0); drop the connection 3 times at
+    random and resume after the last message seen (an EventSource's way over SSE: the URL it
+    was made with, and Last-Event-ID)."""
+    await asyncio.sleep(rng.uniform(0, join_within))
+    got: list[Message] = []
+    for drops_left in (3, 2, 1, 0):
+        limit = rng.randint(1, 40) if drops_left else None
+        last = got[-1][0] if got else None
+        source = (ws_messages(session, base, job_id, after=last or 0) if kind == "ws"
+                  else sse_messages(session, base, job_id, after=0, last_event_id=last))
+        async with contextlib.aclosing(source) as messages:
+            async for message in messages:
+                got.append(message)
+                if limit is not None and (limit := limit - 1) == 0:
+                    break
+            else:
+                if drops_left:  # ended before this watcher dropped it: still resumes
+                    continue
+                return got
+        await asyncio.sleep(rng.uniform(0, 0.3))
+    return got
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("kind", ["ws", "sse"])
+def test_200_watchers_joining_and_resuming_at_random_see_the_same_sequence(
+        procs: Procs, server: str, r: Client, prefix: str, tmp_path: Path, kind: str) -> None:
+    """2,000 pieces over 4 s, progress every 100; 200 watchers joining before, during and
+    after it, each dropping its connection 3 times: all see exactly the job's history."""
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    procs.worker("--handler", "handlers:stream")
+    gate = tmp_path / "gate"
+    job_id = submit(server, spec(pieces=2000, seconds=4, every=100, gate=str(gate)))
+
+    async def go() -> list[list[Message]]:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as s:
+            watchers = [asyncio.create_task(a_watcher(s, server, job_id, kind,
+                                                      random.Random(rng.random()), 7.0))
+                        for _ in range(200)]
+            await asyncio.sleep(1.0)
+            gate.touch()  # the job starts: a sixth of the watchers joined before
+            return await asyncio.wait_for(asyncio.gather(*watchers), 60)
+    seen = asyncio.run(go())
+    whole = history(r, prefix, job_id)
+    assert_whole(whole)
+    got = decoded(whole)
+    assert got[-1]["status"] == "done"
+    assert "".join(m["data"] for m in got if m["type"] == "output") == \
+        "".join(f"{i} " for i in range(2000))
+    assert sum(m["type"] == "progress" for m in got) == 20
+    for n, messages in enumerate(seen):
+        assert messages == whole, f"watcher {n} (seed {seed})"
+
+
+def client(procs: Procs, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "client.py", *args], cwd=ROOT, env=procs.env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_client_prints_the_output_as_it_comes(procs: Procs, server: str) -> None:
+    procs.worker("--handler", "handlers:stream")
+    result = client(procs, "--server", server, spec(pieces=20, seconds=0.4, every=5))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(f"{i} " for i in range(20)) + "\n"  # not the result again
+    assert "20/20 20 pieces" in result.stderr  # stderr is no terminal: a line per change
+
+
+def test_the_client_prints_a_result_other_than_the_output(procs: Procs, server: str) -> None:
+    procs.worker("--handler", "handlers:returns_its_own")
+    result = client(procs, "--server", server, "x")
+    assert (result.returncode, result.stdout) == (0, "working... \nthe result\n"), result.stderr
+
+
+def test_the_library_follows_a_job(procs: Procs, server: str) -> None:
+    import client as library
+    procs.worker("--handler", "handlers:words")
+    job_id = submit(server, "one two")
+    messages = list(library.follow(job_id, server=server))
+    assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
+    assert messages[-1]["status"] == "done"
+    assert "".join(m["data"] for m in messages if m["type"] == "output") == "one two "
+
+
+def test_a_full_redis_refuses_pieces_and_the_result_still_counts(
+        procs: Procs, server: str, r: Client, prefix: str, tmp_path: Path) -> None:
+    worker = procs.worker("--handler", "handlers:stream")
+    gate = tmp_path / "gate"
+    job_id = submit(server, spec(pieces=400, seconds=2, every=0, gate=str(gate)))
+    wait_until(lambda: r.hget(Keys(prefix).job(job_id), "status") == "running",
+               what="the job to run")
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", max(int(r.info("memory")["used_memory"]) - 2**20, 1))
+    try:
+        gate.touch()
+        wait_until(lambda: r.hget(Keys(prefix).job(job_id), "status") == "done",
+                   what="the job to end", timeout=30)
+        assert r.hget(Keys(prefix).job(job_id), "result") == "streamed 400"
+        assert "refused a job's output" in procs.log(worker)
+    finally:
+        r.config_set("maxmemory", 0)
+
+
+async def test_a_slow_watcher_reads_what_it_missed_from_the_history(
+        procs: Procs, server: str, r: Client, prefix: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, aiohttp_client: Any, redis_url: str) -> None:
+    """A watcher whose sends wait (a slow peer) falls BACKLOG behind: it drops what is
+    pending and reads it from the history, delaying nobody; it misses nothing."""
+    import server as server_module
+    monkeypatch.setattr(server_module, "BACKLOG", 4)
+    app = server_module.make_app(redis_url, prefix=prefix)
+    await aiohttp_client(app)
+    hub = app[server_module.HUB]
+    gate = tmp_path / "gate"
+    job_id = await asyncio.to_thread(
+        submit, server, spec(pieces=200, seconds=1, every=20, gate=str(gate)))
+    procs.worker("--handler", "handlers:stream")
+    keys = Keys(prefix)
+    slow, sent = asyncio.Event(), []
+    fast: list[Message] = []
+
+    async def slow_send(update: Any) -> None:
+        await slow.wait()
+        sent.append((update.seq, update.data.decode()))
+
+    async def fast_send(update: Any) -> None:
+        fast.append((update.seq, update.data.decode()))
+
+    async with hub.watch(keys, job_id) as a, hub.watch(keys, job_id) as b:
+        assert a is not None and b is not None
+        streams = [server_module.Stream(hub, keys, job_id, *a, 0),
+                   server_module.Stream(hub, keys, job_id, *b, 0)]
+        relays = [asyncio.create_task(streams[0].relay(slow_send)),
+                  asyncio.create_task(streams[1].relay(fast_send))]
+        gate.touch()
+        await asyncio.wait_for(relays[1], 30)  # the fast one ends, the slow one waits
+        assert a[0].overflowed and not relays[0].done()
+        slow.set()
+        assert await asyncio.wait_for(relays[0], 30)
+    whole = await asyncio.to_thread(history, r, prefix, job_id)
+    assert sent == fast == whole
