@@ -58,6 +58,7 @@ from redis.commands.core import Script
 from store import (
     ALLOW_OOM,
     DEFAULT_QUEUE,
+    DUE,
     EMPTY,
     FINISH,
     HELD,
@@ -66,8 +67,10 @@ from store import (
     RECLAIM,
     REDIS_ERRORS,
     RETENTION,
+    SCHEDULE_TICK,
     TAKE,
     UNAVAILABLE,
+    UNSCHEDULE,
     WAIT_MS,
     WRITES,
     Client,
@@ -80,7 +83,9 @@ from store import (
     now,
     number,
     on_node,
+    plan_ticks,
     queue_names,
+    queues_to_tick,
     redis_said,
     redis_url,
     refresh,
@@ -235,6 +240,7 @@ class Worker:
         self.backoff = backoff
         self.retention = retention
         self.min_replicas = min_replicas
+        self.prefix = prefix
         self.queues = [Keys(prefix, queue) for queue in queues]
         self.keys = self.queues[0]
         self.redis_url = redis_url
@@ -252,6 +258,8 @@ class Worker:
         self._finish = self.redis.register_script(ALLOW_OOM + FINISH)
         self._reclaim = self.redis.register_script(RECLAIM)
         self._lease = self.redis.register_script(LEASE)
+        self._due, self._tick, self._unschedule = (self.redis.register_script(script)
+                                                   for script in (DUE, SCHEDULE_TICK, UNSCHEDULE))
         self.stopping = False  # the first signal: take no new job
         self.cold = False  # the second: give the jobs back and exit now
         self._stop_deadline = float("inf")  # monotonic time when the grace runs out
@@ -295,7 +303,7 @@ class Worker:
         """Thread: renew the lease every --lease/3 s, stop tries past their deadline or
         cancelled, whatever the slots are doing; on a cold stop, give every slot's job back and
         exit. Returns once the slots have all stopped (a warm stop)."""
-        renewed, next_renewal, next_scan = True, 0.0, 0.0
+        renewed, next_renewal, next_scan, next_ticks = True, 0.0, 0.0, 0.0
         while not (self.cold or time.monotonic() >= self._stop_deadline):
             if all(slot.stopped.is_set() for slot in self.slots):
                 return
@@ -304,6 +312,11 @@ class Worker:
                     for keys in self.queues:
                         self.cancel(self.reclaim(keys=keys, stops=True)[2])
                 next_scan = time.monotonic() + MAINTAIN_EVERY
+            if time.monotonic() >= next_ticks:  # the schedules' ticks due, as servers do too
+                wait = MAINTAIN_EVERY
+                with contextlib.suppress(*REDIS_ERRORS):
+                    wait = self.tick_schedules()
+                next_ticks = time.monotonic() + wait
             if time.monotonic() >= next_renewal:
                 try:
                     self.heartbeat()
@@ -394,6 +407,21 @@ class Worker:
             self._lease(keys=[keys.lease(self.name)],
                         args=[*self.common(keys), int(self.lease * 1000), self.host, os.getpid(),
                               len(self.slots), self.started, *self.names()])
+
+    def tick_schedules(self) -> float:
+        """Make the jobs of the schedules' ticks that are due (SCHEDULE_TICK lets one process
+        make each, however many try); return the seconds until the next is due (1 at most)."""
+        at, default = time.time(), Keys(self.prefix)
+        due = {DEFAULT_QUEUE: self._due(keys=[default.queue], args=[*self.common(default), at])}
+        for queue in queues_to_tick(due[DEFAULT_QUEUE]):
+            keys = Keys(self.prefix, queue)
+            due[queue] = self._due(keys=[keys.queue], args=[*self.common(keys), at])
+        plan = plan_ticks(self.prefix, self.retention, due, at)
+        for keys, name in plan.orphans:
+            self._unschedule(keys=[keys.queue], args=[*self.common(keys), name])
+        for keys, args in plan.ticks:
+            self._tick(keys=[keys.queue], args=args)
+        return plan.wait
 
     def reclaim(self, *idle: str, keys: Keys | None = None, max_attempts: int | None = None,
                 scan: bool = True, stops: bool = False) -> tuple[int, int, list[str]]:
