@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -50,6 +51,7 @@ from store import (
     CANCEL,
     DEFAULT_PRIORITY,
     DEFAULT_QUEUE,
+    DUE,
     GROUP_NAME,
     LIST,
     MAX_BULK,
@@ -61,12 +63,16 @@ from store import (
     RETENTION,
     RETRY,
     RUNTIME_BUCKETS,
+    SCHEDULE,
+    SCHEDULE_TICK,
     SETTINGS,
     STATES,
     STATS,
     SUBMIT,
     TERMINAL,
     UNAVAILABLE,
+    UNLOCK,
+    UNSCHEDULE,
     WAIT_MS,
     WRITABLE,
     AsyncClient,
@@ -74,14 +80,21 @@ from store import (
     Nodes,
     connect_async,
     from_env,
+    new_jobs,
+    next_tick,
     non_empty,
     now,
     number,
+    plan_ticks,
+    queues_to_tick,
     redis_said,
     redis_url,
     rfc3339,
+    schedule_fields,
+    schedule_shown,
     settings_fields,
     settings_of,
+    submit_args,
 )
 
 log = logging.getLogger("server")
@@ -100,7 +113,9 @@ RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:([0-9]{2
 TOTALS = ("submitted", "done", "failed", "retried", "cancelled",
           "output_bytes")  # {prefix}:counters
 PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
-MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most
+MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most (or expire in, at most)
+IDEMPOTENCY_TTL = 86_400  # seconds an Idempotency-Key is remembered
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")  # printable ASCII
 FEED_EVERY = 0.25  # seconds between the batches of /feed
 FEED_MAX = 500  # jobs in one batch at most: the newest changed (the page shows fewer)
 FEED_CUT = 256  # characters of a result or an error a /feed message carries at most
@@ -421,8 +436,11 @@ class Scripts:
 
     def __init__(self, redis: AsyncClient) -> None:
         (self.submit, self.writable, self.cancel, self.retry, self.list, self.stats,
-         self.settings, self.queue) = (redis.register_script(s) for s in (
-            SUBMIT, WRITABLE, CANCEL, RETRY, LIST, STATS, SETTINGS, QUEUE))
+         self.settings, self.queue, self.schedule, self.unschedule, self.due, self.tick) = (
+            redis.register_script(s) for s in (
+                SUBMIT, WRITABLE, CANCEL, RETRY, LIST, STATS, SETTINGS, QUEUE, SCHEDULE,
+                UNSCHEDULE, DUE, SCHEDULE_TICK))
+        self.unlock = redis.register_script(UNLOCK)
 
 
 class Pinger:
@@ -476,6 +494,7 @@ SCRIPTS = web.AppKey("scripts", Scripts)
 RETENTION_S = web.AppKey("retention", int)
 TOKEN = web.AppKey("token", str)
 MIN_REPLICAS = web.AppKey("min_replicas", int)
+IDEMPOTENCY_TTL_S = web.AppKey("idempotency_ttl", int)
 LOCAL_ONLY = web.AppKey("local_only", bool)
 REQUESTS = web.AppKey("requests", Counter)
 PINGER = web.AppKey("pinger", Pinger)
@@ -539,29 +558,14 @@ async def json_errors(
                                  status=500)
 
 
-def new_jobs(texts: list[str], due: float | None = None, queue: str = DEFAULT_QUEUE,
-             priority: int = DEFAULT_PRIORITY, group: str | None = None
-             ) -> list[dict[str, str | int]]:
-    """Jobs as first stored: every field there, queued (or delayed until `due`), version 1;
-    `group` only when they have one."""
-    created = now()
-    fields: dict[str, str | int] = {
-        "queue": queue, "status": "queued" if due is None else "delayed", "result": "",
-        "error": "", "attempts": 0, "created": created, "updated": created, "version": 1,
-        "priority": priority}
-    if group is not None:
-        fields["group"] = group
-    if due is not None:
-        fields["run_at"] = rfc3339(due)
-    return [{"id": uuid.uuid4().hex, "input": text, **fields} for text in texts]
-
-
 def shown(job: dict[str, Any]) -> dict[str, Any]:
     """A job as the API shows it (a hash from Redis, or as new_jobs made it): its numbers as
     numbers, and last its `priority` (5 for a job stored before priorities) and `group` (null
     when it has none)."""
     rest = {name: value for name, value in job.items()
             if name not in ("priority", "group", "state_seq", "stored")}
+    if "expires_in" in job:
+        rest["expires_in"] = float(job["expires_in"])
     if "progress" in rest:  # the newest progress of a try, as the worker's Context gave it
         rest["progress"] = json.loads(rest["progress"])
     if "seq" in rest:  # of the job's last message (after=SEQ: what comes next)
@@ -569,19 +573,6 @@ def shown(job: dict[str, Any]) -> dict[str, Any]:
     return rest | {"attempts": int(job.get("attempts", 0)), "version": int(job.get("version", 0)),
                    "priority": int(job.get("priority", DEFAULT_PRIORITY)),
                    "group": job.get("group") or None}
-
-
-def submit_args(prefix: str, retention: int, jobs: list[dict[str, str | int]],
-                due: float | None, expires: float | None = None,
-                idempotency: tuple[str, str, int] = ("", "", 0)) -> list[str | int | float]:
-    """The SUBMIT script's arguments for these jobs (made by new_jobs with the same due):
-    `expires` the unix time by which they must have started; `idempotency` the digest of the
-    client's key ("" for none), the digest of the request, and how long to keep the key."""
-    shared = [item for name, value in jobs[0].items() if name not in ("id", "input")
-              for item in (name, value)]
-    return [prefix, now(), retention, "" if due is None else due,
-            "" if expires is None else expires, *idempotency, len(shared) // 2, *shared,
-            *(item for job in jobs for item in (job["id"], job["input"]))]
 
 
 def queue_of(request: web.Request, name: object = None) -> Keys:
@@ -647,6 +638,48 @@ def group_of(data: dict[str, object]) -> str | None:
     return group
 
 
+def expires_of(data: dict[str, object]) -> float | None:
+    """A submit's "expires_in": seconds (above 0) by which its jobs must have started (counted
+    from when they are due), or they end cancelled; None if not given."""
+    expires_in = data.get("expires_in")
+    if expires_in is None:
+        return None
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) \
+            or not 0 < expires_in <= MAX_DELAY:
+        raise error(web.HTTPBadRequest,
+                    f'"expires_in" must be a number of seconds above 0, at most {MAX_DELAY}')
+    return float(expires_in)
+
+
+def idempotency_of(request: web.Request, body: bytes) -> tuple[str, str, int]:
+    """SUBMIT's idempotency arguments: digests of the Idempotency-Key and of the body, and how
+    long to keep the key; none without the header."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return "", "", 0
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise error(web.HTTPBadRequest, "Idempotency-Key must be 1 to 255 printable ASCII "
+                                        "characters")
+    return (hashlib.sha256(key.encode()).hexdigest(), hashlib.sha256(body).hexdigest(),
+            request.app[IDEMPOTENCY_TTL_S])
+
+
+async def replayed(request: web.Request, keys: Keys, reply: list[Any],
+                   bulk: bool) -> web.Response:
+    """The answer to a submit whose Idempotency-Key was seen before: the first request's jobs
+    as they are now (200; `{"id": ...}` alone for one expired meanwhile) if the body is the
+    same, else 409."""
+    ids = str(reply[1]).split(",")
+    if reply[0] == 2:
+        raise web.HTTPConflict(text=json.dumps({
+            "error": "this Idempotency-Key was used with a different body; send a new key "
+                     "for a new job", "id": ids[0]}), content_type="application/json")
+    jobs = [shown({"queue": keys.name} | job) if (job := await read_job(
+        request.app[REDIS], keys.job(job_id))) else {"id": job_id} for job_id in ids]
+    headers = {"Idempotent-Replayed": "true"}
+    return web.json_response({"jobs": jobs} if bulk else jobs[0], headers=headers)
+
+
 def due_of(data: dict[str, object]) -> float | None:
     """When a submit wants its jobs to run (unix time), if later: "delay" seconds from now,
     or "run_at" an RFC 3339 time with an offset."""
@@ -693,20 +726,23 @@ async def object_of(request: web.Request, example: str) -> dict[str, Any]:
 
 async def submit(request: web.Request) -> web.Response:
     data = await object_of(request, '{"input": "..."}')
+    idempotency = idempotency_of(request, await request.read())
     texts, due, keys = texts_of(data), due_of(data), queue_of(request, data.get("queue"))
-    jobs = new_jobs(texts, due, keys.name, priority_of(data), group_of(data))
-    args = submit_args(keys.prefix, request.app[RETENTION_S], jobs, due)
+    jobs = new_jobs(texts, due, keys.name, priority_of(data), group_of(data), expires_of(data))
+    args = submit_args(keys.prefix, request.app[RETENTION_S], jobs, due, idempotency)
     await request.app[HUB].register(keys)
     if not (wanted := request.app[MIN_REPLICAS]):
-        await request.app[SCRIPTS].submit(keys=[keys.queue], args=args)
+        reply = await request.app[SCRIPTS].submit(keys=[keys.queue], args=args)
     else:
-        _, acked = await request.app[NODES].run_and_wait(request.app[SCRIPTS].submit,
-                                                         [keys.queue], args, wanted)
+        reply, acked = await request.app[NODES].run_and_wait(request.app[SCRIPTS].submit,
+                                                             [keys.queue], args, wanted)
         if acked < wanted:
             raise error(web.HTTPServiceUnavailable,
                         f"the job was not confirmed by {wanted} replica(s) of Redis within "
                         f"{WAIT_MS} ms, so it is not accepted: a failover could lose it. It may "
                         f"still run; submit again (it may then run twice) or check its status")
+    if reply[0]:
+        return await replayed(request, keys, reply, "inputs" in data)
     if "inputs" in data:
         return web.json_response({"jobs": [shown(job) for job in jobs]}, status=201)
     where = f"/status?id={jobs[0]['id']}" + (f"&queue={keys.name}" if data.get("queue") else "")
@@ -866,6 +902,147 @@ async def pause_or_resume(request: web.Request) -> web.Response:
     return web.json_response(await describe(request, keys))
 
 
+# -- schedules: a job every tick, made by whichever process comes first ------------------------
+
+def schedule_name(request: web.Request) -> str:
+    if not QUEUE_NAME.fullmatch(name := request.match_info["name"]):
+        raise error(web.HTTPBadRequest, "a schedule's name is 1 to 64 characters a-z, 0-9, _ "
+                                        "and -")
+    return name
+
+
+@contextlib.asynccontextmanager
+async def changing(request: web.Request, name: str) -> AsyncIterator[None]:
+    """Hold the schedule's name while changing it (a PUT moving it from one queue's slot to
+    another's writes two slots and the registry: not one script): a key with a token of this
+    request's, which expires in 5 s should this server die meanwhile. 503 after 5 s."""
+    redis, token = request.app[REDIS], uuid.uuid4().hex
+    lock = request.app[HUB].queue(DEFAULT_QUEUE).schedule_registry + ":" + name
+    deadline = time.monotonic() + 5.0
+    while not await redis.set(lock, token, nx=True, px=5000):
+        if time.monotonic() > deadline:
+            raise error(web.HTTPServiceUnavailable, f"schedule {name!r} is being changed by "
+                                                    "another request; try again")
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        await request.app[SCRIPTS].unlock(keys=[lock], args=[token])
+
+
+async def read_schedule(request: web.Request, name: str) -> tuple[Keys, dict[str, str]]:
+    """The queue a schedule's jobs go to, and its fields (404 if there is no such schedule)."""
+    hub, redis = request.app[HUB], request.app[REDIS]
+    queue = await redis.hget(hub.queue(DEFAULT_QUEUE).schedule_registry, name)
+    fields = {} if queue is None else await redis.hgetall(hub.queue(str(queue)).schedule(name))
+    if not fields:
+        raise error(web.HTTPNotFound, f"no schedule named {name!r}")
+    return hub.queue(str(queue)), fields  # type: ignore[return-value]
+
+
+async def put_schedule(request: web.Request) -> web.Response:
+    """PUT /schedules/NAME: create or replace a schedule ({"cron": ..., "timezone": ...} or
+    {"every": S}, and its job's "input", "queue", "priority", "group", "expires_in"; "overlap").
+    It lives in its queue's slot, beside the jobs it makes; the registry says which queue.
+    Changes of one schedule are made one at a time (see changing), so concurrent PUTs leave
+    one schedule, in the queue the registry names."""
+    name, redis, scripts = schedule_name(request), request.app[REDIS], request.app[SCRIPTS]
+    data = await object_of(request, '{"every": 60, "input": "..."}')
+
+    def job_fields(body: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(body.get("input"), str):
+            raise ValueError('"input" is required: a string, the input of each job it makes')
+        return {"input": body["input"],
+                "queue": queue_of(request, body.get("queue", DEFAULT_QUEUE)).name,
+                "priority": priority_of(body), "group": group_of(body),
+                "expires_in": expires_of(body)}
+
+    try:
+        fields = schedule_fields(data, job_fields)
+    except ValueError as exc:
+        raise error(web.HTTPBadRequest, str(exc)) from None
+    keys, hub = request.app[HUB].queue(fields["queue"]), request.app[HUB]
+    fields["next_run"] = repr(next_tick(fields, time.time()))
+    await hub.register(keys)
+    async with changing(request, name):
+        was = await redis.hget(keys.schedule_registry, name)
+        await scripts.schedule(keys=[keys.queue], args=[
+            *common(request, keys), name, 1, *(item for pair in fields.items() for item in pair)])
+        await redis.hset(keys.schedule_registry, name, keys.name)
+        if was is not None and was != keys.name:
+            old = hub.queue(str(was))
+            await scripts.unschedule(keys=[old.queue], args=[*common(request, old), name])
+    return web.json_response(schedule_shown(name, fields))
+
+
+async def get_schedule(request: web.Request) -> web.Response:
+    name = schedule_name(request)
+    return web.json_response(schedule_shown(name, (await read_schedule(request, name))[1]))
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    hub, redis = request.app[HUB], request.app[REDIS]
+    registry: dict[str, str] = await redis.hgetall(  # type: ignore[assignment]
+        hub.queue(DEFAULT_QUEUE).schedule_registry)
+    schedules = []
+    for name, queue in sorted(registry.items()):
+        fields: dict[str, str] = await redis.hgetall(  # type: ignore[assignment]
+            hub.queue(queue).schedule(name))
+        if fields:
+            schedules.append(schedule_shown(name, fields))
+    return web.json_response({"schedules": schedules})
+
+
+async def delete_schedule(request: web.Request) -> web.Response:
+    name = schedule_name(request)
+    async with changing(request, name):
+        keys, _ = await read_schedule(request, name)
+        await request.app[REDIS].hdel(keys.schedule_registry, name)
+        await request.app[SCRIPTS].unschedule(keys=[keys.queue], args=[*common(request, keys),
+                                                                        name])
+    return web.Response(status=204)
+
+
+async def pause_or_resume_schedule(request: web.Request) -> web.Response:
+    """POST /schedules/NAME/pause: its ticks pass without a job; /resume: they make them
+    again, from the next tick on (no catching up on the paused ones)."""
+    name = schedule_name(request)
+    async with changing(request, name):
+        keys, _ = await read_schedule(request, name)
+        paused = "1" if request.match_info["action"] == "pause" else ""
+        await request.app[SCRIPTS].schedule(keys=[keys.queue], args=[
+            *common(request, keys), name, 0, "paused", paused])
+    return web.json_response(schedule_shown(name, (await read_schedule(request, name))[1]))
+
+
+async def tick_schedules(app: web.Application) -> None:
+    """Task: make the jobs of the schedules' ticks that are due, as every worker does too
+    (SCHEDULE_TICK lets one process make each tick's job); a round a second, or at the next
+    tick."""
+    hub, scripts, retention = app[HUB], app[SCRIPTS], app[RETENTION_S]
+    default = hub.queue(DEFAULT_QUEUE)
+    while True:
+        wait = 1.0
+        try:
+            at = time.time()
+            due = {DEFAULT_QUEUE: await scripts.due(keys=[default.queue],
+                                                    args=[default.prefix, now(), retention, at])}
+            for queue in queues_to_tick(due[DEFAULT_QUEUE]):
+                keys = hub.queue(queue)
+                due[queue] = await scripts.due(keys=[keys.queue],
+                                               args=[keys.prefix, now(), retention, at])
+            plan = plan_ticks(hub.prefix, retention, due, at)
+            for keys, name in plan.orphans:
+                await scripts.unschedule(keys=[keys.queue], args=[keys.prefix, now(), retention,
+                                                                  name])
+            for keys, args in plan.ticks:
+                await scripts.tick(keys=[keys.queue], args=args)
+            wait = plan.wait
+        except REDIS_ERRORS as exc:  # said by the requests that meet it; tried again
+            log.debug("schedules: %s", exc)
+        await asyncio.sleep(max(wait, 0.01))
+
+
 # -- counting: /stats and /metrics -------------------------------------------------------------
 
 async def queue_stats(request: web.Request, keys: Keys) -> dict[str, Any]:
@@ -948,6 +1125,14 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(numbers)
 
 
+async def schedule_runs(request: web.Request) -> list[tuple[str, int]]:
+    """(name, jobs made) of each schedule, by name."""
+    hub, redis = request.app[HUB], request.app[REDIS]
+    registry = await redis.hgetall(hub.queue(DEFAULT_QUEUE).schedule_registry)
+    return [(str(name), int(await redis.hget(hub.queue(str(queue)).schedule(str(name)), "runs")
+                            or 0)) for name, queue in sorted(registry.items())]
+
+
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: the numbers of /stats in Prometheus's text format, and this server's."""
     s = await read_stats(request)
@@ -990,6 +1175,8 @@ async def metrics(request: web.Request) -> web.Response:
         buckets[f'_bucket{{le="{bound}"}}'] = cumulative
     metric("jobs_run_seconds", "histogram", "How long tries ran.",
            buckets | {"_sum": runtime.get("sum", 0), "_count": runtime.get("count", 0)})
+    metric("jobs_schedule_runs_total", "counter", "Jobs each schedule has made.",
+           {f'{{schedule="{name}"}}': runs for name, runs in (await schedule_runs(request))})
     metric("redis_used_memory_bytes", "gauge", "Memory Redis uses.",
            {"": s["redis"]["used_memory"]})
     metric("redis_maxmemory_bytes", "gauge", "Redis's maxmemory (0: no limit).",
@@ -1357,6 +1544,7 @@ def make_app(
     token: str = "",
     insecure_no_auth: bool = False,
     min_replicas: int = 0,
+    idempotency_ttl: int = IDEMPOTENCY_TTL,
 ) -> web.Application:
     """The application; its Redis client and pub/sub listener live as long as it runs. With a
     token, every request but /healthz and the dashboard's files must carry it."""
@@ -1368,6 +1556,7 @@ def make_app(
     app[TOKEN] = token
     app[LOCAL_ONLY] = not (token or insecure_no_auth)
     app[MIN_REPLICAS] = min_replicas
+    app[IDEMPOTENCY_TTL_S] = idempotency_ttl
     app[REQUESTS] = Counter()
 
     # No retries of redis-py's own: a submit sent again after a lost reply could queue its
@@ -1392,7 +1581,8 @@ def make_app(
         subscriber = connect_async(redis_url, **options)
         app[HUB] = hub = Hub(app[REDIS], Nodes(subscriber, POOL_WAIT), prefix)
         tasks = [asyncio.create_task(app[PINGER].run()),
-                 asyncio.create_task(hub.send_batches(FEED_EVERY))]
+                 asyncio.create_task(hub.send_batches(FEED_EVERY)),
+                 asyncio.create_task(tick_schedules(app))]
         yield
         for task in tasks:
             await cancel_and_wait(task)
@@ -1417,6 +1607,11 @@ def make_app(
     app.router.add_get("/queues/{name}", get_queue)
     app.router.add_put("/queues/{name}", set_queue)
     app.router.add_post("/queues/{name}/{action:pause|resume}", pause_or_resume)
+    app.router.add_get("/schedules", list_schedules)
+    app.router.add_get("/schedules/{name}", get_schedule)
+    app.router.add_put("/schedules/{name}", put_schedule)
+    app.router.add_delete("/schedules/{name}", delete_schedule)
+    app.router.add_post("/schedules/{name}/{action:pause|resume}", pause_or_resume_schedule)
     app.router.add_get("/stats", stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/feed", feed)
@@ -1470,6 +1665,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="a submit is accepted only once this many replicas of Redis have it "
                              "(WAIT, up to 1 s; else 503) (env JOBS_MIN_REPLICAS; default "
                              "%(default)s)")
+    parser.add_argument("--idempotency-ttl", type=size,
+                        default=from_env(parser, "JOBS_IDEMPOTENCY_TTL", size, IDEMPOTENCY_TTL),
+                        help="seconds a submit's Idempotency-Key is remembered: the same key "
+                             "and body within it get the first job again (env "
+                             "JOBS_IDEMPOTENCY_TTL; default %(default)s)")
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument("--token", type=non_empty,
                         default=from_env(parser, "JOBS_TOKEN", non_empty, None),
@@ -1502,7 +1702,8 @@ def main(argv: list[str] | None = None) -> None:
     origins = frozenset(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     app = make_app(args.redis_url, prefix=args.prefix, allowed_origins=origins,
                    max_input_bytes=args.max_input_bytes, retention=args.retention, token=token,
-                   insecure_no_auth=args.insecure_no_auth, min_replicas=args.min_replicas)
+                   insecure_no_auth=args.insecure_no_auth, min_replicas=args.min_replicas,
+                   idempotency_ttl=args.idempotency_ttl)
     try:
         web.run_app(app, host=args.host, port=args.port, shutdown_timeout=2.0,
                     access_log=None, print=lambda _: log.info("listening on http://%s:%d",

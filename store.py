@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import re
+import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar, cast
@@ -78,6 +81,8 @@ class Keys:
     def __init__(self, prefix: str = PREFIX, queue: str = DEFAULT_QUEUE) -> None:
         self.name = queue
         self.registry = f"{prefix}:queues"  # set of the queues' names, in the default's slot
+        # hash: every schedule's name -> the queue its jobs go to (see SCHEDULE), in the same
+        self.schedule_registry = f"{prefix}:schedules:registry"
         if queue != DEFAULT_QUEUE:
             prefix = f"{prefix[:-1]}:{queue}}}" if prefix.endswith("}") else f"{prefix}:{queue}"
         self.prefix = prefix
@@ -96,6 +101,14 @@ class Keys:
         self.rate = f"{prefix}:rate"  # sorted set: the starts in the rate limit's window
         self.wake = f"{prefix}:wake"  # list of tokens: each wakes one idle slot (BLPOP)
         self.timer = f"{prefix}:timer"  # the slot that waits for a rate limit to free; PX
+        self.expiry = f"{prefix}:expiry"  # sorted set: queued jobs by when they expire
+        self.schedules = f"{prefix}:schedules"  # sorted set: the queue's schedules by next_run
+
+    def schedule(self, name: str) -> str:  # hash: a schedule whose jobs go to this queue
+        return f"{self.prefix}:schedule:{name}"
+
+    def idempotency(self, digest: str) -> str:  # string: "<body digest> <ids>", TTL
+        return f"{self.prefix}:idempotency:{digest}"
 
     def ready(self, priority: int = DEFAULT_PRIORITY, group: str = "") -> str:
         """The list of a priority's and group's queued jobs (LPUSH to add, RPOP to take)."""
@@ -738,13 +751,36 @@ redis.call('ZREM', P .. ':schedules', ARGV[4])
 return redis.call('DEL', P .. ':schedule:' .. ARGV[4])
 """
 
+# KEYS: a lock. ARGV: its holder's token. Deletes it if that holder still holds it.
+UNLOCK = ALLOW_OOM + """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
+
+# KEYS: queue. ARGV: (prefix, now, retention), now (unix). The queue's schedules whose tick is
+# due, each {name, field, value, ...}, after the time of the next tick of the others ('' if
+# none); with the default queue's prefix, first the registry of schedules {name, queue, ...}.
+DUE = READS + LUA_PRELUDE + """
+local registry = redis.call('HGETALL', P .. ':schedules:registry')
+local out = {registry, ''}
+local later = redis.call('ZRANGEBYSCORE', P .. ':schedules', '(' .. ARGV[4], '+inf', 'WITHSCORES',
+                         'LIMIT', 0, 1)
+if later[2] then out[2] = later[2] end
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', P .. ':schedules', '-inf', ARGV[4], 'LIMIT', 0,
+                                 100)) do
+  local f = redis.call('HGETALL', P .. ':schedule:' .. name)
+  table.insert(f, 1, name)
+  out[#out + 1] = f
+end
+return out
+"""
+
 # KEYS: queue. ARGV: (prefix, now, retention), name, the next_run its caller read, the one
 # after it, expires (as SUBMIT's), then one job as add_jobs() takes them (from ARGV[8]). Makes
 # the tick's job, and moves the schedule to its next tick, only if the schedule is still at the
 # tick its caller read: any number of processes may try a tick, and exactly one makes its job.
 # A paused schedule moves on and makes none; so does one with overlap "skip" whose last job
 # has not ended. Returns 1 if it made the job.
-TICK = WRITES + LUA_PRELUDE + """
+SCHEDULE_TICK = WRITES + LUA_PRELUDE + """
 local key = P .. ':schedule:' .. ARGV[4]
 local f = redis.call('HMGET', key, 'next_run', 'paused', 'overlap', 'last_job')
 if f[1] ~= ARGV[5] then return 0 end  -- made by another process, or the schedule changed
@@ -945,6 +981,44 @@ def settings_fields(changes: dict[str, Any]) -> list[str | int | float]:
     return fields
 
 
+# -- jobs as SUBMIT stores them ----------------------------------------------------------------
+
+def new_jobs(texts: list[str], due: float | None = None, queue: str = DEFAULT_QUEUE,
+             priority: int = DEFAULT_PRIORITY, group: str | None = None,
+             expires_in: float | None = None) -> list[dict[str, str | int]]:
+    """Jobs as first stored: every field there, queued (or delayed until `due`), version 1;
+    `group` only when they have one; with `expires_in`, when they must have started by (from
+    now, or from `due`)."""
+    created = now()
+    fields: dict[str, str | int] = {
+        "queue": queue, "status": "queued" if due is None else "delayed", "result": "",
+        "error": "", "attempts": 0, "created": created, "updated": created, "version": 1,
+        "priority": priority}
+    if group is not None:
+        fields["group"] = group
+    if due is not None:
+        fields["run_at"] = rfc3339(due)
+    if expires_in is not None:
+        fields["expires_in"] = f"{expires_in:g}"
+        fields["expires_at"] = rfc3339((time.time() if due is None else due) + expires_in)
+    return [{"id": uuid.uuid4().hex, "input": text, **fields} for text in texts]
+
+
+def submit_args(prefix: str, retention: int, jobs: list[dict[str, str | int]],
+                due: float | None, idempotency: tuple[str, str, int] = ("", "", 0)
+                ) -> list[str | int | float]:
+    """The SUBMIT script's arguments for these jobs (made by new_jobs with the same due);
+    `idempotency`: the digest of the client's key ("" for none), the digest of the request,
+    and how long to keep the key."""
+    shared = [item for name, value in jobs[0].items() if name not in ("id", "input")
+              for item in (name, value)]
+    expires = jobs[0].get("expires_at")
+    return [prefix, now(), retention, "" if due is None else due,
+            "" if expires is None else datetime.fromisoformat(str(expires)).timestamp(),
+            *idempotency, len(shared) // 2, *shared,
+            *(item for job in jobs for item in (job["id"], job["input"]))]
+
+
 def redis_said(exc: Exception) -> str:
     """An error reply as Redis said it (redis-py takes the code off some: OOM, READONLY)."""
     code = getattr(exc, "status_code", None)
@@ -1047,6 +1121,128 @@ def cron_field(text: str, n: int) -> frozenset[int]:
             last = high if step_text else first
         found.update(range(first, last + 1, step))
     return frozenset(found)
+
+
+# -- schedules: what PUT /schedules/NAME takes, and each tick's job -----------------------------
+
+OVERLAP = ("allow", "skip")
+
+
+def schedule_fields(body: dict[str, Any], checked: Callable[[dict[str, Any]], dict[str, Any]]
+                    ) -> dict[str, str]:
+    """A PUT /schedules/NAME body as the schedule's hash holds it; ValueError says what is
+    wrong. `checked` checks the job's own fields (input, queue, priority, group, expires_in)
+    as a submit does, returning them."""
+    known = {"cron", "timezone", "every", "overlap", "input", "queue", "priority", "group",
+             "expires_in"}
+    if unknown := sorted(set(body) - known):
+        raise ValueError(f'unknown field "{unknown[0]}"; a schedule takes '
+                         f'{", ".join(sorted(known))}')
+    if ("cron" in body) == ("every" in body):
+        raise ValueError('give "cron" (with "timezone" if not UTC) or "every" (seconds), '
+                         'one of them')
+    fields: dict[str, str] = {}
+    if "cron" in body:
+        cron, zone = body["cron"], body.get("timezone", "UTC")
+        if not isinstance(cron, str) or not isinstance(zone, str):
+            raise ValueError('"cron" and "timezone" must be strings')
+        Cron.parse(cron, zone)
+        fields |= {"cron": cron, "timezone": zone}
+    else:
+        every = body["every"]
+        if "timezone" in body:
+            raise ValueError('"timezone" goes with "cron"; "every" counts seconds')
+        if isinstance(every, bool) or not isinstance(every, int | float) \
+                or not 1 <= every <= 366 * 86_400:
+            raise ValueError('"every" must be a number of seconds from 1 to 31622400')
+        fields["every"] = f"{every:g}"
+    overlap = body.get("overlap", "allow")
+    if overlap not in OVERLAP:
+        raise ValueError('"overlap" must be "allow" (the default: a tick makes its job even '
+                         'while the last one runs) or "skip"')
+    fields["overlap"] = overlap
+    job = checked(body)
+    fields |= {name: str(value) for name, value in job.items() if value is not None}
+    return fields
+
+
+def next_tick(fields: dict[str, str], after: float) -> float:
+    """The schedule's first tick strictly after `after` (unix time): a cron's next match in its
+    zone, or the next whole multiple of `every` seconds since the epoch."""
+    if "every" in fields:
+        every = float(fields["every"])
+        return (math.floor(after / every) + 1) * every
+    cron = Cron.parse(fields["cron"], fields.get("timezone", "UTC"))
+    return cron.after(datetime.fromtimestamp(after, UTC)).timestamp()
+
+
+def tick_args(keys: Keys, name: str, fields: dict[str, str], now_unix: float,
+              retention: int) -> list[str | int | float] | None:
+    """SCHEDULE_TICK's arguments for the schedule's tick that is due (None if none is): the
+    tick read, the next one after now (ticks missed while nothing ran make one job: catch up
+    once), and the tick's job, whose id is made of the schedule's name and the tick's time."""
+    tick = fields["next_run"]
+    if float(tick) > now_unix:
+        return None
+    job = new_jobs([fields["input"]], None, keys.name, int(fields.get("priority", 5)),
+                   fields.get("group"), float(fields["expires_in"])
+                   if "expires_in" in fields else None)[0]
+    job["id"] = hashlib.sha256(f"{name}@{tick}".encode()).hexdigest()[:32]
+    job["schedule"], job["scheduled_for"] = name, rfc3339(float(tick))
+    args = submit_args(keys.prefix, retention, [job], None)
+    return [*args[:3], name, tick, repr(next_tick(fields, now_unix)), args[4], *args[8:]]
+
+
+class Ticks(NamedTuple):
+    """What a round of ticking does, read from DUE's replies (see plan_ticks)."""
+
+    ticks: list[tuple[Keys, list[str | int | float]]]  # SCHEDULE_TICK's queue, and its arguments
+    orphans: list[tuple[Keys, str]]  # schedules left in a queue the registry no longer names
+    wait: float  # seconds until a tick is due (1 at most: a PUT may come meanwhile)
+
+
+def plan_ticks(prefix: str, retention: int, due: dict[str, list[Any]], now_unix: float) -> Ticks:
+    """A round of ticking, for any process (workers and servers all tick, and SCHEDULE_TICK
+    lets one make each job): `due` has DUE's reply for the default queue and for each queue the
+    registry names (queues_to_tick says which)."""
+    registry = pairs(due[DEFAULT_QUEUE][0])
+    ticks, orphans, wait = [], [], 1.0
+    for queue, (_, later, *schedules) in due.items():
+        keys = Keys(prefix, queue)
+        if later:
+            wait = min(wait, max(float(later) - now_unix, 0.0))
+        for name, *flat in schedules:
+            if registry.get(name) != queue:
+                orphans.append((keys, name))
+            elif (args := tick_args(keys, name, pairs(flat), now_unix, retention)) is not None:
+                ticks.append((keys, args))
+    return Ticks(ticks, orphans, wait)
+
+
+def queues_to_tick(default_reply: list[Any]) -> set[str]:
+    """The queues other than the default whose schedules to read: those the registry names."""
+    return set(pairs(default_reply[0]).values()) - {DEFAULT_QUEUE}
+
+
+def pairs(flat: list[Any]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def schedule_shown(name: str, fields: dict[str, str]) -> dict[str, Any]:
+    """A schedule as the API shows it."""
+    zone = ZoneInfo(fields.get("timezone", "UTC"))
+    shown: dict[str, Any] = {"name": name}
+    shown |= ({"cron": fields["cron"], "timezone": fields.get("timezone", "UTC")}
+              if "cron" in fields else {"every": float(fields["every"])
+                                        if "." in fields["every"] else int(fields["every"])})
+    shown |= {"input": fields["input"], "queue": fields.get("queue", DEFAULT_QUEUE),
+              "priority": int(fields.get("priority", DEFAULT_PRIORITY)),
+              "group": fields.get("group"),
+              "expires_in": float(fields["expires_in"]) if "expires_in" in fields else None,
+              "overlap": fields.get("overlap", "allow"), "paused": fields.get("paused") == "1",
+              "next_run": datetime.fromtimestamp(float(fields["next_run"]), zone).isoformat(),
+              "last_job": fields.get("last_job"), "runs": int(fields.get("runs", 0))}
+    return shown
 
 
 # -- settings: argparse types, also applied to environment variables (see from_env) ----------

@@ -60,6 +60,7 @@ from redis.commands.core import Script
 from store import (
     ALLOW_OOM,
     DEFAULT_QUEUE,
+    DUE,
     EMPTY,
     FINISH,
     HELD,
@@ -69,8 +70,10 @@ from store import (
     RECLAIM,
     REDIS_ERRORS,
     RETENTION,
+    SCHEDULE_TICK,
     TAKE,
     UNAVAILABLE,
+    UNSCHEDULE,
     WAIT_MS,
     WRITES,
     Client,
@@ -83,7 +86,9 @@ from store import (
     now,
     number,
     on_node,
+    plan_ticks,
     queue_names,
+    queues_to_tick,
     redis_said,
     redis_url,
     refresh,
@@ -360,6 +365,7 @@ class Worker:
         self.backoff = backoff
         self.retention = retention
         self.min_replicas = min_replicas
+        self.prefix = prefix
         self.queues = [Keys(prefix, queue) for queue in queues]
         self.keys = self.queues[0]
         self.redis_url = redis_url
@@ -380,6 +386,8 @@ class Worker:
         self._output = self.redis.register_script(OUTPUT)
         self._written = threading.Event()  # wakes the writer: progress or output to write
         self.refused = False  # Redis refused output: said once, until a write works again
+        self._due, self._tick, self._unschedule = (self.redis.register_script(script)
+                                                   for script in (DUE, SCHEDULE_TICK, UNSCHEDULE))
         self.stopping = False  # the first signal: take no new job
         self.cold = False  # the second: give the jobs back and exit now
         self._stop_deadline = float("inf")  # monotonic time when the grace runs out
@@ -423,7 +431,7 @@ class Worker:
         """Thread: renew the lease every --lease/3 s, stop tries past their deadline or
         cancelled, whatever the slots are doing; on a cold stop, give every slot's job back and
         exit. Returns once the slots have all stopped (a warm stop)."""
-        renewed, next_renewal, next_scan = True, 0.0, 0.0
+        renewed, next_renewal, next_scan, next_ticks = True, 0.0, 0.0, 0.0
         while not (self.cold or time.monotonic() >= self._stop_deadline):
             if all(slot.stopped.is_set() for slot in self.slots):
                 return
@@ -432,6 +440,11 @@ class Worker:
                     for keys in self.queues:
                         self.cancel(self.reclaim(keys=keys, stops=True)[2])
                 next_scan = time.monotonic() + MAINTAIN_EVERY
+            if time.monotonic() >= next_ticks:  # the schedules' ticks due, as servers do too
+                wait = MAINTAIN_EVERY
+                with contextlib.suppress(*REDIS_ERRORS):
+                    wait = self.tick_schedules()
+                next_ticks = time.monotonic() + wait
             if time.monotonic() >= next_renewal:
                 try:
                     self.heartbeat()
@@ -524,6 +537,21 @@ class Worker:
             self._lease(keys=[keys.lease(self.name)],
                         args=[*self.common(keys), int(self.lease * 1000), self.host, os.getpid(),
                               len(self.slots), self.started, *self.names()])
+
+    def tick_schedules(self) -> float:
+        """Make the jobs of the schedules' ticks that are due (SCHEDULE_TICK lets one process
+        make each, however many try); return the seconds until the next is due (1 at most)."""
+        at, default = time.time(), Keys(self.prefix)
+        due = {DEFAULT_QUEUE: self._due(keys=[default.queue], args=[*self.common(default), at])}
+        for queue in queues_to_tick(due[DEFAULT_QUEUE]):
+            keys = Keys(self.prefix, queue)
+            due[queue] = self._due(keys=[keys.queue], args=[*self.common(keys), at])
+        plan = plan_ticks(self.prefix, self.retention, due, at)
+        for keys, name in plan.orphans:
+            self._unschedule(keys=[keys.queue], args=[*self.common(keys), name])
+        for keys, args in plan.ticks:
+            self._tick(keys=[keys.queue], args=args)
+        return plan.wait
 
     def reclaim(self, *idle: str, keys: Keys | None = None, max_attempts: int | None = None,
                 scan: bool = True, stops: bool = False) -> tuple[int, int, list[str]]:

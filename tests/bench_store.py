@@ -63,9 +63,13 @@ def measure(r: redis.Redis, url: str, redis_process: psutil.Process) -> None:
     keys = store.Keys()
     cpu0, t0 = redis_process.cpu_times(), time.perf_counter()
     for i in range(N):
-        if hasattr(server, "new_jobs"):
+        if hasattr(store, "new_jobs"):
+            jobs = store.new_jobs([f"job {i}"])
+            submit(keys=[keys.queue], args=store.submit_args(keys.prefix, 86_400, jobs, None))
+        elif hasattr(server, "new_jobs"):  # the versions before priorities
             jobs = server.new_jobs([f"job {i}"])
-            submit(keys=[keys.queue], args=server.submit_args(keys.prefix, 86_400, jobs, None))
+            old = server.submit_args  # type: ignore[attr-defined]
+            submit(keys=[keys.queue], args=old(keys.prefix, 86_400, jobs, None))
         else:  # the version before bulk submits
             job = server.new_job(f"job {i}")  # type: ignore[attr-defined]
             fields = [x for kv in job.items() for x in kv]

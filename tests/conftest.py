@@ -31,8 +31,7 @@ import redis
 import redis.cluster
 from hypothesis import HealthCheck, settings
 
-from server import new_jobs, submit_args
-from store import RETENTION, SUBMIT, Client, Keys, connect
+from store import RETENTION, SUBMIT, Client, Keys, connect, new_jobs, submit_args
 
 if TYPE_CHECKING:  # tests.topologies imports this module: imported where used
     from playwright.sync_api import Browser

@@ -841,7 +841,7 @@ async def test_metrics_parse_and_match_stats(client: Client, r: redis.Redis, pre
     assert {name: f.type for name, f in families.items()} == {
         "jobs_submitted": "counter", "jobs_finished": "counter", "jobs_retried": "counter",
         "jobs": "gauge", "jobs_queue_length": "gauge", "jobs_dead_letter": "gauge",
-        "jobs_held_back": "gauge", "jobs_queue_paused": "gauge",
+        "jobs_held_back": "gauge", "jobs_queue_paused": "gauge", "jobs_schedule_runs": "counter",
         "jobs_oldest_queued_age_seconds": "gauge", "jobs_workers": "gauge",
         "jobs_worker_slots": "gauge", "jobs_run_seconds": "histogram",
         "redis_used_memory_bytes": "gauge", "redis_maxmemory_bytes": "gauge",

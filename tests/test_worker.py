@@ -9,8 +9,7 @@ import time
 import pytest
 import redis
 
-from server import new_jobs, submit_args
-from store import CANCEL, RETENTION, SUBMIT, Client, Keys
+from store import CANCEL, RETENTION, SUBMIT, Client, Keys, new_jobs, submit_args
 from tests.conftest import Procs, Subscription, enqueue, job, processing_keys, wait_until
 from worker import Worker
 
