@@ -54,11 +54,12 @@ import os
 import re
 import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp
+from aiohttp import WSCloseCode
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 DEFAULT_QUEUE = "default"
@@ -265,24 +266,30 @@ async def queue_request(session: aiohttp.ClientSession, server: str, name: str,
     return await request_json(session, method, queue_url(server, name, action))
 
 
-async def follow(session: aiohttp.ClientSession, server: str, job_id: str,
-                 queue: str = DEFAULT_QUEUE) -> Job:
-    """Follow the job over the WebSocket until it ends, reconnecting after drops; the last
-    state (a message: id, status, result, error, attempts, updated, version)."""
-    delay, last = 0.1, ""
+async def job_messages(session: aiohttp.ClientSession, server: str, job_id: str,
+                       queue: str = DEFAULT_QUEUE, after: int = 0) -> AsyncGenerator[Job, None]:
+    """The job's messages after the one numbered `after` (0: all of them), over the WebSocket,
+    until its end: its states ({"type": "state", "status", ...}), progress and output, each
+    with its `seq`. When the connection drops, it reconnects and goes on after the last one it
+    gave: none is missed, none comes twice."""
+    delay, seen, ended = 0.1, after, False
     while True:
         try:
-            async with session.ws_connect(f"{server}/ws", params=on(queue, id=job_id)) as ws:
+            async with session.ws_connect(f"{server}/ws",
+                                          params=on(queue, id=job_id, after=str(seen))) as ws:
                 delay = 0.1
-                async for message in ws:
-                    if message.type is not aiohttp.WSMsgType.TEXT:
+                async for frame in ws:
+                    if frame.type is not aiohttp.WSMsgType.TEXT:
                         break
-                    job: Job = json.loads(message.data)
-                    if job["status"] != last:
-                        log.info("job %s: %s", job_id, job["status"])
-                        last = job["status"]
-                    if job["status"] in TERMINAL:
-                        return job
+                    message: Job = json.loads(frame.data)
+                    seen = int(message.get("seq", seen))
+                    # A job run again (retried by hand) has ended before: its end is the last
+                    # message, after which the server closes the stream.
+                    ended = message.get("type", "state") == "state" \
+                        and message["status"] in TERMINAL
+                    yield message
+            if ended and ws.close_code == WSCloseCode.OK:
+                return
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 401:
                 raise TokenNeeded(f"server said 401 to the WebSocket of job {job_id}",
@@ -293,26 +300,40 @@ async def follow(session: aiohttp.ClientSession, server: str, job_id: str,
         except aiohttp.ClientError:
             pass
         log.info("connection to %s lost; reconnecting in %.1fs", server, delay)
-        try:  # the end may have come while we were away
-            job = await request_json(session, "GET", f"{server}/status",
-                                     params=on(queue, id=job_id))
-            if job["status"] in TERMINAL:
-                return job
-        except ServerError as exc:
-            if exc.status is not None and exc.status < 500:  # 401, or the job is gone
-                raise
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_CAP)
 
 
+async def follow_to_end(session: aiohttp.ClientSession, server: str, job_id: str,
+                        queue: str = DEFAULT_QUEUE, after: int = 0,
+                        show: Callable[[Job], None] | None = None) -> Job:
+    """Follow the job until it ends (see job_messages), logging each change of status and
+    giving every message to `show`; the last state (a message: id, status, result, error,
+    attempts, updated, version, seq)."""
+    last: Job = {}
+    async for message in job_messages(session, server, job_id, queue, after):
+        if show is not None:
+            show(message)
+        if message.get("type", "state") != "state":
+            continue
+        if message["status"] != last.get("status"):
+            log.info("job %s: %s", job_id, message["status"])
+        last = message
+    return last
+
+
 async def wait_for_end(session: aiohttp.ClientSession, server: str, job_id: str,
-                       queue: str = DEFAULT_QUEUE) -> Job:
-    """The job once it has ended: GET /status, then `follow` it if it has not (the job with
-    the fields of its last message over them). No deadline of its own: run it under
-    `asyncio.timeout`."""
+                       queue: str = DEFAULT_QUEUE, show: Callable[[Job], None] | None = None
+                       ) -> Job:
+    """The job once it has ended: GET /status, then follow it if it has not (the job with
+    the fields of its last message over them). With `show`, every message of the job from its
+    first is given to it (its output, say), the job followed even if it has ended. No deadline
+    of its own: run it under `asyncio.timeout`."""
     job = await request_json(session, "GET", f"{server}/status", params=on(queue, id=job_id))
-    if job["status"] not in TERMINAL:
-        return {**job, **await follow(session, server, job_id, queue)}
+    if show is not None or job["status"] not in TERMINAL:
+        after = 0 if show is not None else int(job.get("seq", 0))
+        last = await follow_to_end(session, server, job_id, queue, after, show)
+        return {**job, **{k: v for k, v in last.items() if k != "type"}}
     log.info("job %s: %s", job_id, job["status"])
     return job
 
@@ -411,16 +432,126 @@ def wait(job_id: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
         raise too_late(timeout, job_id) from None
 
 
-def outcome(job: Job) -> int:
-    """Print an ended job's result (stdout) or what became of it (stderr); the exit status."""
+def follow(job_id: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
+           queue: str = DEFAULT_QUEUE, after: int = 0) -> Iterator[Job]:
+    """The job's messages, as they come, until it ends: each a dict with its `type` ("state":
+    status, result, error, attempts...; "progress": done, total, message; "output": data;
+    "trimmed": missed) and `seq` (1, 2, ...), from the one after `after` (0: from the first,
+    however long ago it was sent). A dropped connection is resumed where it was: none is
+    missed, none comes twice. token: as for `submit`. Raises ServerError (TokenNeeded on a
+    401) if the server refuses (a 404 for an unknown id).
+
+        for message in client.follow(job["id"]):
+            if message["type"] == "output":
+                print(message["data"], end="", flush=True)"""
+    loop = asyncio.new_event_loop()
+
+    async def opened() -> aiohttp.ClientSession:
+        return open_session(token)
+    try:
+        session = loop.run_until_complete(opened())
+        messages = job_messages(session, server.rstrip("/"), job_id, queue, after)
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(anext(messages))
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(messages.aclose())
+            loop.run_until_complete(session.close())
+    finally:
+        loop.close()
+
+
+def outcome(job: Job, shown: Shown | None = None) -> int:
+    """Print an ended job's result (stdout) or what became of it (stderr); the exit status.
+    After its output was shown, the result is printed only if it is not that output."""
+    if shown is not None:
+        shown.done()
     if job["status"] == "done":
-        print(job["result"], flush=True)
+        if shown is None or not shown.printed:
+            print(job["result"], flush=True)
+        elif shown.attempt != job.get("attempts") or job["result"] != "".join(shown.output):
+            print("" if shown.at_line_start else "\n", job["result"], sep="", flush=True)
+        elif not shown.at_line_start:
+            print(flush=True)
         return DONE
     if job["status"] == "failed":
         log.error("job %s failed: %s", job["id"], job.get("error", ""))
     else:
         log.error("job %s was cancelled", job["id"])
     return FAILED
+
+
+class Shown:
+    """Shows a job's messages as they come (wait_for_end's `show`): its output on stdout,
+    each piece as it arrives; its progress on stderr, as a bar redrawn in place when stderr is
+    a terminal, else as a line per change."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.attempt: int | None = None  # whose output is shown
+        self.output: list[str] = []  # that try's pieces
+        self.printed = False  # any output at all
+        self.at_line_start = True  # stdout
+        self.bar = ""  # on stderr now (a terminal's)
+
+    def __call__(self, message: Job) -> None:
+        kind = message.get("type")
+        if kind == "output":
+            if message["attempt"] != self.attempt:
+                if self.printed:
+                    self.newline()
+                    self.log("job %s: the output of try %d", message["id"], message["attempt"])
+                self.attempt, self.output = message["attempt"], []
+            self.clear()
+            sys.stdout.write(message["data"])
+            sys.stdout.flush()
+            self.output.append(message["data"])
+            self.printed = True
+            self.at_line_start = message["data"].endswith("\n")
+            self.draw()
+        elif kind == "progress":
+            done, total = message["done"], message["total"]
+            fraction = done if total is None else done / total if total else 0.0
+            amount = f"{fraction:.0%}" if total is None else f"{done:g}/{total:g}"
+            text = " ".join(filter(None, (amount, message.get("message", ""))))
+            if self.tty:
+                filled = round(max(0.0, min(fraction, 1.0)) * 20)
+                self.bar = f"[{'#' * filled}{'.' * (20 - filled)}] {text}"[:100]
+                self.draw()
+            else:
+                log.info("job %s: %s", message["id"], text)
+        elif kind == "trimmed":
+            self.log("job %s: its %d oldest messages are no longer kept", message["id"],
+                     message["missed"])
+        elif message.get("status") in TERMINAL:
+            self.done()
+
+    def newline(self) -> None:
+        if not self.at_line_start:
+            sys.stdout.write("\n")
+            self.at_line_start = True
+
+    def log(self, text: str, *args: object) -> None:
+        self.clear()
+        log.info(text, *args)
+        self.draw()
+
+    def clear(self) -> None:
+        if self.tty and self.bar:
+            sys.stderr.write("\r\x1b[K")
+
+    def draw(self) -> None:
+        if self.tty and self.bar:
+            sys.stderr.write("\r" + self.bar)
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        """The job ended: the bar goes."""
+        self.clear()
+        self.bar = ""
 
 
 def when(stamp: str | None) -> str:
@@ -552,7 +683,8 @@ async def act(session: aiohttp.ClientSession, server: str, args: argparse.Namesp
         log.info("%s job %s", "retried" if args.retry else "submitted", job_id)
     try:
         async with asyncio.timeout(timeout):
-            return outcome(await wait_for_end(session, server, job_id, args.queue))
+            shown = Shown()
+            return outcome(await wait_for_end(session, server, job_id, args.queue, shown), shown)
     except TimeoutError:
         log.error("%s", too_late(timeout, job_id))
         return TIMED_OUT

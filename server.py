@@ -1387,7 +1387,8 @@ class Stream:
         await send(update)
         self.sent = update.seq or self.sent
         self.version = max(self.version, update.version)
-        return update.terminal
+        latest = self.topic.latest  # a job run again by hand has ended before: not that end
+        return update.terminal and (latest is None or update.version >= latest.version)
 
     async def history(self) -> list[Update]:
         """The job's messages after `sent`, a page of them (catch_up again if there is more);

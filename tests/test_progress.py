@@ -12,7 +12,7 @@ import json
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,13 @@ def spec(**fields: Any) -> str:
 
 def history(r: Client, prefix: str, job_id: str) -> list[Message]:
     """What the job's history holds: every message ever sent about it, in order."""
-    return [(int(entry_id.split("-")[0]), fields["m"])
-            for entry_id, fields in r.xrange(Keys(prefix).stream(job_id))]
+    entries: list[tuple[str, dict[str, str]]] = r.xrange(  # type: ignore[assignment]
+        Keys(prefix).stream(job_id))
+    return [(int(entry_id.split("-")[0]), fields["m"]) for entry_id, fields in entries]
 
 
 async def ws_messages(session: aiohttp.ClientSession, base: str, job_id: str,
-                      after: int | None = None) -> AsyncIterator[Message]:
+                      after: int | None = None) -> AsyncGenerator[Message, None]:
     params = {"id": job_id} | ({} if after is None else {"after": str(after)})
     async with session.ws_connect(f"{base}/ws", params=params) as ws:
         async for message in ws:
@@ -66,7 +67,7 @@ async def ws_messages(session: aiohttp.ClientSession, base: str, job_id: str,
 
 async def sse_messages(session: aiohttp.ClientSession, base: str, job_id: str,
                        after: int | None = None, last_event_id: int | None = None
-                       ) -> AsyncIterator[Message]:
+                       ) -> AsyncGenerator[Message, None]:
     """As an EventSource reads them: the id and data of each event."""
     params = {"id": job_id} | ({} if after is None else {"after": str(after)})
     headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
@@ -327,10 +328,18 @@ def client(procs: Procs, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_client_prints_the_output_as_it_comes(procs: Procs, server: str) -> None:
+    procs.worker("--handler", "handlers:words")
+    result = client(procs, "--server", server, "one two three")
+    assert (result.returncode, result.stdout) == (0, "one two three \n"), result.stderr  # once
+
+
+def test_the_client_shows_progress_and_a_result_that_is_not_the_output(procs: Procs,
+                                                                       server: str) -> None:
     procs.worker("--handler", "handlers:stream")
-    result = client(procs, "--server", server, spec(pieces=20, seconds=0.4, every=5))
+    job_id = submit(server, spec(pieces=20, seconds=0.4, every=5))
+    result = client(procs, "--server", server, "--watch", job_id)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "".join(f"{i} " for i in range(20)) + "\n"  # not the result again
+    assert result.stdout == "".join(f"{i} " for i in range(20)) + "\nstreamed 20\n"
     assert "20/20 20 pieces" in result.stderr  # stderr is no terminal: a line per change
 
 
