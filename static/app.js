@@ -43,6 +43,7 @@ const state = {
   fetchingInput: false,
   queues: new Map(), // name -> the queue as GET /queues last showed it
   editing: null, // the queue whose limits the form shows
+  output: null, // the EventSource of the job whose output the panel shows
 };
 
 // ---- talking to the server ----
@@ -123,6 +124,7 @@ function stop() {
   clearTimeout(state.statsTimer);
   if (state.feed) state.feed.close();
   state.feed = null;
+  closeOutput();
   setLive("off");
 }
 
@@ -417,6 +419,7 @@ function renderRow(tr, job) {
   const id = cell(job.id.slice(0, 8), "id");
   id.title = job.id;
   const status = cell(job.status, `status status-${job.status}`);
+  if (job.status === "running" && job.progress) status.append(progressBar(job.progress));
   const priority = cell(String(job.priority ?? ""), "num priority");
   const group = cell(job.group ?? "", "group");
   group.title = job.group ?? "";
@@ -445,6 +448,10 @@ function renderRow(tr, job) {
 function addRow(job, atTop) {
   const tr = document.createElement("tr");
   tr.dataset.id = job.id;
+  tr.title = "click: the job's live output";
+  tr.addEventListener("click", (event) => {
+    if (!event.target.closest("button")) showOutput(job.id);
+  });
   const entry = { tr, job: { ...job } };
   renderRow(tr, entry.job);
   state.rows.set(job.id, entry);
@@ -650,7 +657,10 @@ function openFeed() {
       return;
     }
     if (Array.isArray(messages)) {
-      messages.filter((m) => (m.queue || "default") === state.queue).forEach(apply);
+      for (const m of messages.filter((m) => (m.queue || "default") === state.queue)) {
+        if (m.type === "progress") setProgress(m);
+        else apply(m);
+      }
     }
   };
   feed.onerror = () => {
@@ -664,6 +674,80 @@ function openFeed() {
       }, 2000);
     }
   };
+}
+
+// A running job's progress ({done, total, message}): a bar under its status.
+function progressBar(progress) {
+  const box = document.createElement("div");
+  box.className = "progress";
+  const fraction = progress.total == null ? progress.done
+    : progress.total ? progress.done / progress.total : 0;
+  const bar = document.createElement("progress");
+  bar.max = 1;
+  bar.value = Math.max(0, Math.min(fraction, 1));
+  const text = progress.total == null ? `${Math.round(bar.value * 100)}%`
+    : `${progress.done}/${progress.total}`;
+  const words = document.createElement("span");
+  words.textContent = progress.message ? `${text} ${progress.message}` : text;
+  box.title = words.textContent;
+  box.append(bar, words);
+  return box;
+}
+
+function setProgress(message) {
+  const entry = state.rows.get(message.id);
+  if (!entry || entry.job.status !== "running") return;
+  entry.job.progress = { done: message.done, total: message.total, message: message.message };
+  renderRow(entry.tr, entry.job);
+}
+
+// ---- one job's live output: its messages from the first (/events?after=0) ----
+
+function showOutput(id) {
+  closeOutput();
+  const panel = $("#output-panel");
+  panel.hidden = false;
+  $("#output-id").textContent = id;
+  const text = $("#output-text");
+  text.textContent = "";
+  $("#output-progress").replaceChildren();
+  $("#output-status").textContent = "";
+  const queue = state.queue === "default" ? "" : `&queue=${encodeURIComponent(state.queue)}`;
+  const source = new EventSource(`/events?id=${encodeURIComponent(id)}&after=0${queue}`);
+  state.output = source;
+  let attempt = null;
+  source.onmessage = (event) => {
+    let m;
+    try {
+      m = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    const atBottom = text.scrollTop + text.clientHeight >= text.scrollHeight - 4;
+    if (m.type === "output") {
+      if (attempt !== null && m.attempt !== attempt) text.append(`\n--- try ${m.attempt} ---\n`);
+      attempt = m.attempt;
+      text.append(m.data); // a text node: never HTML
+    } else if (m.type === "progress") {
+      $("#output-progress").replaceChildren(progressBar(m));
+    } else if (m.type === "trimmed") {
+      text.append(`[${m.missed} earlier messages are no longer kept]\n`);
+    } else if (m.status) {
+      $("#output-status").textContent = m.status;
+      $("#output-status").className = `status status-${m.status}`;
+      if (m.status !== "running") $("#output-progress").replaceChildren();
+    }
+    if (atBottom) text.scrollTop = text.scrollHeight;
+  };
+  source.onerror = () => { // after the end the server answers 204: it stops for good
+    if (source.readyState === EventSource.CLOSED) source.close();
+  };
+}
+
+function closeOutput() {
+  if (state.output) state.output.close();
+  state.output = null;
+  $("#output-panel").hidden = true;
 }
 
 // The feed was refused: signed out (api() shows the box), or the server is down (try again).
@@ -731,5 +815,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#more").addEventListener("click", loadMore);
   $("#limits-form").addEventListener("submit", saveLimits);
   $("#limits-close").addEventListener("click", () => { $("#limits-form").hidden = true; });
+  $("#output-close").addEventListener("click", closeOutput);
   start();
 });

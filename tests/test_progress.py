@@ -12,12 +12,15 @@ import json
 import random
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from playwright.sync_api import expect
 
 from store import Client, Keys
 from tests.conftest import ROOT, Procs, free_port, wait_until
@@ -33,11 +36,12 @@ def server(procs: Procs) -> Iterator[str]:
 
 
 def post(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    async def go() -> dict[str, Any]:
-        async with aiohttp.ClientSession() as s, s.post(base + path, json=body) as response:
-            assert response.status < 300, await response.text()
-            return await response.json()  # type: ignore[no-any-return]
-    return asyncio.run(go())
+    """POST JSON with plain HTTP (no event loop: Playwright's sync API keeps one running)."""
+    request = urllib.request.Request(base + path, data=json.dumps(body or {}).encode(),
+                                     method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
 
 
 def submit(base: str, text: str) -> str:
@@ -416,3 +420,81 @@ async def test_a_slow_watcher_reads_what_it_missed_from_the_history(
         assert await asyncio.wait_for(relays[0], 30)
     whole = await asyncio.to_thread(history, r, prefix, job_id)
     assert sent == fast == whole
+
+
+# -- a real browser: its EventSource, and the dashboard ----------------------------------------
+
+# EventSources on one job, opened at the given moments (ms), each with after=0 in its URL; each
+# follows until the browser gives up on it for good (the 204 after the end: CLOSED). In
+# window.seen, for each: the [lastEventId, data] of its events, its errors (reconnections), and
+# whether it is over.
+EVENTSOURCES = """([id, delays]) => {
+  window.seen = delays.map(() => ({events: [], errors: 0, over: false}));
+  delays.forEach((delay, n) => setTimeout(() => {
+    const es = new EventSource(`/events?id=${id}&after=0`);
+    const seen = window.seen[n];
+    es.onmessage = (e) => seen.events.push([e.lastEventId, e.data]);
+    es.onerror = () => {
+      seen.errors++;
+      if (es.readyState === EventSource.CLOSED) { es.close(); seen.over = true; }
+    };
+  }, delay));
+}"""
+
+
+def test_a_browsers_eventsources_resume_after_a_server_restart(
+        browser: Any, procs: Procs, r: Client, prefix: str, tmp_path: Path) -> None:
+    """Real EventSources joining before, during and after a job of 2,000 pieces; the server
+    is killed and started again as it runs: each reconnects by itself (Last-Event-ID) and
+    gets exactly the job's history."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = procs.server(port)
+    procs.worker("--handler", "handlers:stream")
+    gate = tmp_path / "gate"
+    job_id = submit(base, spec(pieces=2000, seconds=4, every=100, gate=str(gate)))
+    page = browser.new_page()
+    try:
+        page.goto(f"{base}/healthz")
+        page.evaluate(EVENTSOURCES, [job_id, [0, 500, 2500, 4000, 9000]])
+        time.sleep(1.0)
+        gate.touch()
+        wait_until(lambda: r.hget(Keys(prefix).job(job_id), "seq") not in (None, "1", "2", "3"),
+                   what="output to flow")
+        time.sleep(1.0)  # mid-stream
+        server.kill()
+        server.wait()
+        procs.server(port)
+        page.wait_for_function("window.seen.every((s) => s.over)", timeout=40_000)
+        seen = page.evaluate("window.seen")
+    finally:
+        page.close()
+    whole = history(r, prefix, job_id)
+    assert_whole(whole)
+    assert json.loads(whole[-1][1])["status"] == "done"
+    for n, watcher in enumerate(seen):
+        assert [(int(i), data) for i, data in watcher["events"]] == whole, f"EventSource {n}"
+    assert any(watcher["errors"] > 1 for watcher in seen)  # reconnected after the restart
+
+
+def test_the_dashboard_shows_progress_and_a_clicked_jobs_output(
+        browser: Any, procs: Procs, r: Client, prefix: str, tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    procs.server(port)
+    procs.worker("--handler", "handlers:stream")
+    page = browser.new_page()
+    try:
+        page.goto(base)
+        job_id = submit(base, spec(pieces=300, seconds=6, every=10))
+        row = page.locator(f'#jobs tr[data-id="{job_id}"]')
+        expect(row.locator(".progress progress")).to_be_visible(timeout=15_000)
+        expect(row.locator(".progress")).to_contain_text("pieces")
+        row.locator("td.text").first.click()
+        expect(page.locator("#output-panel")).to_be_visible()
+        expect(page.locator("#output-text")).to_contain_text("0 1 2 3 ")  # from the first
+        expect(page.locator("#output-status")).to_have_text("done", timeout=20_000)
+        assert page.locator("#output-text").text_content() == "".join(
+            f"{i} " for i in range(300))
+    finally:
+        page.close()
