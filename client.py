@@ -306,17 +306,18 @@ async def job_messages(session: aiohttp.ClientSession, server: str, job_id: str,
 
 async def follow_to_end(session: aiohttp.ClientSession, server: str, job_id: str,
                         queue: str = DEFAULT_QUEUE, after: int = 0,
-                        show: Callable[[Job], None] | None = None) -> Job:
-    """Follow the job until it ends (see job_messages), logging each change of status and
-    giving every message to `show`; the last state (a message: id, status, result, error,
-    attempts, updated, version, seq)."""
+                        show: Callable[[Job], None] | None = None, quiet: int = 0) -> Job:
+    """Follow the job until it ends (see job_messages), logging each change of status (but
+    of the states numbered up to `quiet`: those were before) and giving every message to
+    `show`; the last state (a message: id, status, result, error, attempts, updated, version,
+    seq)."""
     last: Job = {}
     async for message in job_messages(session, server, job_id, queue, after):
         if show is not None:
             show(message)
         if message.get("type", "state") != "state":
             continue
-        if message["status"] != last.get("status"):
+        if message["status"] != last.get("status") and message.get("seq", quiet + 1) > quiet:
             log.info("job %s: %s", job_id, message["status"])
         last = message
     return last
@@ -330,12 +331,13 @@ async def wait_for_end(session: aiohttp.ClientSession, server: str, job_id: str,
     first is given to it (its output, say), the job followed even if it has ended. No deadline
     of its own: run it under `asyncio.timeout`."""
     job = await request_json(session, "GET", f"{server}/status", params=on(queue, id=job_id))
-    if show is not None or job["status"] not in TERMINAL:
-        after = 0 if show is not None else int(job.get("seq", 0))
-        last = await follow_to_end(session, server, job_id, queue, after, show)
-        return {**job, **{k: v for k, v in last.items() if k != "type"}}
-    log.info("job %s: %s", job_id, job["status"])
-    return job
+    seq = int(job.get("seq", 0))  # of its last message so far
+    if job["status"] in TERMINAL:
+        log.info("job %s: %s", job_id, job["status"])
+        if show is None:
+            return job
+    last = await follow_to_end(session, server, job_id, queue, 0 if show else seq, show, seq)
+    return {**job, **{k: v for k, v in last.items() if k != "type"}}
 
 
 def too_late(timeout: float, job_id: str) -> TimeoutError:

@@ -5,9 +5,11 @@
 POST /submit {"input": "..."} stores a job and queues it in one step (also later: "delay" or
 "run_at"; or many: "inputs"; a "priority" from 1 to 9, higher first; a "group" that shares the
 queue fairly with the others); GET /status?id=ID reads it; GET /ws?id=ID (WebSocket) and GET
-/events?id=ID (Server-Sent Events) send the job's current state, then each change, and close
-once it has ended; GET /healthz says whether Redis answers. For operators: GET /jobs lists a
-state's jobs, POST /jobs/ID/cancel and /jobs/ID/retry steer one, GET /queues lists the queues,
+/events?id=ID (Server-Sent Events) send the job's current state, then each change (and its
+progress and output as a handler streams them), and close once it has ended (&after=SEQ: the
+job's messages after that one, from its history in Redis, then the live ones); GET
+/jobs/ID/output is what it has streamed so far; GET /healthz says whether Redis answers. For
+operators: GET /jobs lists a state's jobs, POST /jobs/ID/cancel and /jobs/ID/retry steer one, GET /queues lists the queues,
 PUT /queues/NAME sets a queue's limits (rate, concurrency, and each group's), POST
 /queues/NAME/pause and /resume stop and restart its starts, GET /stats and /metrics
 (Prometheus) count, and GET / is a live dashboard fed by GET /feed. With a token set, every

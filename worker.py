@@ -2,6 +2,7 @@
 
     python worker.py [--redis-url URL] [--handler MODULE:FUNCTION] [--concurrency N]
                      [--queues NAME,...] [--timeout S] [--max-attempts N] [--lease S]
+                     [--max-output BYTES]
 
 It runs up to --concurrency jobs at once, in as many slots: each a thread with one loop of
 take, run, finish, the same whatever the handler; a plain handler is called on the slot's
@@ -12,6 +13,11 @@ of the slot's own; when none may start, the slot blocks on Redis (BLPOP) until a
 it or a rate limit frees. Each job is finished with one script (status, result, removal from the
 list, expiry, publish), which also takes the slot's next job. With --queues, each slot waits on
 one of them in turn, and takes from the others when its own has nothing to start.
+A handler may report as it runs: one that takes a second parameter gets the job's Context
+(ctx.progress(done, total=None, message=""), ctx.emit(text)); a generator (plain or async)
+streams each string it yields, and its result is the pieces joined. A writer thread writes
+what they give in batches (at most every 50 ms, or at 64 KiB), before the try's outcome; each
+message is numbered, kept in the job's history (--max-output bytes of it) and published.
 One lease covers the whole worker (a copy in each queue): a worker whose lease expires is
 presumed dead, and any live worker puts its jobs back on the queue. --redis-url may name one
 Redis, a master through Sentinel, or a Redis Cluster (each queue in one slot). Delivery is
@@ -502,7 +508,7 @@ class Worker:
                 slot.deadline = float("inf")
                 why, ran, output = slot.why, time.monotonic() - slot.began, slot.output
             try:
-                if output is not None:
+                if output is not None and not output.writing.locked():  # never wait on it here
                     self.write(output)
                 self.finish(slot, job, *self.outcome(job, (False, why)), ran=ran,
                             take_next=False)

@@ -204,3 +204,16 @@ def fails_after_output(path: str, ctx: Context) -> str:
         return "second try"
     ctx.emit("first try ")
     raise RuntimeError("first try fails")
+
+
+def bench(text: str, ctx: Context) -> str:
+    """For tests/bench_progress.py: "paced N S" emits N pieces, each the time.time() it was
+    emitted at, S seconds apart; "tokens N MODE" is tokens("N MODE")."""
+    kind, _, rest = text.partition(" ")
+    if kind == "tokens":
+        return tokens(rest, ctx)
+    n, interval = rest.split()
+    for _ in range(int(n)):
+        ctx.emit(f"{time.time():.6f} ")
+        time.sleep(float(interval))
+    return "paced"
