@@ -9,15 +9,15 @@ queue fairly with the others); GET /status?id=ID reads it; GET /ws?id=ID (WebSoc
 progress and output as a handler streams them), and close once it has ended (&after=SEQ: the
 job's messages after that one, from its history in Redis, then the live ones); GET
 /jobs/ID/output is what it has streamed so far; GET /healthz says whether Redis answers. For
-operators: GET /jobs lists a state's jobs, POST /jobs/ID/cancel and /jobs/ID/retry steer one, GET /queues lists the queues,
-PUT /queues/NAME sets a queue's limits (rate, concurrency, and each group's), POST
-/queues/NAME/pause and /resume stop and restart its starts, GET /stats and /metrics
-(Prometheus) count, and GET / is a live dashboard fed by GET /feed. With a token set, every
-request but /healthz and the dashboard's files must carry it. Every error is JSON: {"error":
-"..."}. The server holds one pub/sub subscription per queue (sharded: on a Redis Cluster, on
-the node of the queue's slot) and fans each message out to the watchers of that job, so any
-number of servers can share one Redis with any number of workers (see worker.py); the numbers
-live in Redis, so every server reports the same.
+operators: GET /jobs lists a state's jobs, POST /jobs/ID/cancel and /jobs/ID/retry steer one,
+GET /queues lists the queues, PUT /queues/NAME sets a queue's limits (rate, concurrency, and
+each group's), POST /queues/NAME/pause and /resume stop and restart its starts, GET /stats and
+/metrics (Prometheus) count, and GET / is a live dashboard fed by GET /feed. With a token set,
+every request but /healthz and the dashboard's files must carry it. Every error is JSON:
+{"error": "..."}. The server holds one pub/sub subscription per queue (sharded: on a Redis
+Cluster, on the node of the queue's slot) and fans each message out to the watchers of that job,
+so any number of servers can share one Redis with any number of workers (see worker.py); the
+numbers live in Redis, so every server reports the same.
 """
 
 from __future__ import annotations
