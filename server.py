@@ -55,6 +55,7 @@ from store import (
     DEFAULT_QUEUE,
     DUE,
     GROUP_NAME,
+    HISTORY,
     LIST,
     MAX_BULK,
     PREFIX,
@@ -244,6 +245,7 @@ class Hub:
         self.feeds: set[Watcher] = set()  # /feed streams: every change, in batches
         self.batch: dict[str, str] = {}  # the newest message of each job changed since the last
         self.queues[DEFAULT_QUEUE] = default = Keys(prefix)
+        self.history = redis.register_script(HISTORY)  # a job's messages after one (Stream)
         self.follow(default)
 
     def queue(self, name: str) -> Keys:
@@ -1325,12 +1327,10 @@ def after_of(request: web.Request) -> int | None:
     return None
 
 
-def from_history(entry_id: str, fields: dict[str, str]) -> Update:
-    """An entry of a job's history as the Update it was published as."""
-    data = fields["m"]
+def from_history(seq: int, data: str) -> Update:
+    """A message of a job's history (number seq) as the Update it was published as."""
     if data.startswith(('{"type":"output"', '{"type":"progress"')):  # made by the worker
-        return Update(0, False, data.encode(), int(entry_id.split("-")[0]),
-                      data[9:data.index('"', 9)])
+        return Update(0, False, data.encode(), seq, data[9:data.index('"', 9)])
     return parsed(json.loads(data), data.encode())
 
 
@@ -1395,11 +1395,15 @@ class Stream:
     async def history(self) -> list[Update]:
         """The job's messages after `sent`, a page of them (catch_up again if there is more);
         first a `trimmed` message if the oldest of them are no longer kept."""
-        entries: list[tuple[str, dict[str, str]]] = await self.hub.redis.xrange(  # type: ignore[assignment]
-            self.keys.stream(self.job_id), min=f"{self.sent + 1}-0", max="+", count=HISTORY_PAGE)
+        reply = await self.hub.history(
+            keys=[self.keys.job(self.job_id), self.keys.history(self.job_id)],
+            args=[self.sent, HISTORY_PAGE])
+        if not reply:  # the job is gone (expired)
+            return []
+        first, entries = int(reply[0]), reply[1:]
         if len(entries) == HISTORY_PAGE:
             self.watcher.catch_up()
-        updates = [from_history(entry_id, fields) for entry_id, fields in entries]
+        updates = [from_history(first + n, data) for n, data in enumerate(entries)]
         if updates and updates[0].seq > self.sent + 1:
             seq = updates[0].seq - 1
             data = json.dumps({"type": "trimmed", "id": self.job_id, "seq": seq,
@@ -1414,15 +1418,15 @@ async def output(request: web.Request) -> web.Response:
     job_id, keys = job_id_of(request), queue_of(request)
     redis = request.app[REDIS]
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hmget(keys.job(job_id), ["status", "attempts"])
-        pipe.xrange(keys.stream(job_id))
-        (status, attempts), entries = await pipe.execute()
+        pipe.hmget(keys.job(job_id), ["status", "attempts", "dropped"])
+        pipe.lrange(keys.history(job_id), 0, -1)
+        (status, attempts, dropped), entries = await pipe.execute()
     if status is None:
         raise error(web.HTTPNotFound, "no job with that id")
-    pieces, trimmed = [], bool(entries) and not entries[0][0].startswith("1-")
-    for _, fields in entries:
-        if fields["m"].startswith('{"type":"output"'):
-            message = json.loads(fields["m"])
+    pieces, trimmed = [], bool(dropped and int(dropped))
+    for data in entries:
+        if data.startswith('{"type":"output"'):
+            message = json.loads(data)
             if message["attempt"] == int(attempts or 0):
                 pieces.append(message["data"])
     return web.Response(text="".join(pieces), content_type="text/plain", charset="utf-8",

@@ -137,8 +137,8 @@ class Keys:
     def stop(self, worker: str) -> str:  # set: ids of its running jobs asked to stop
         return f"{self.prefix}:stop:{worker}"
 
-    def stream(self, job_id: str) -> str:  # stream: the job's messages, by seq (see OUTPUT)
-        return f"{self.prefix}:stream:{job_id}"
+    def history(self, job_id: str) -> str:  # list: the job's messages, in seq order (OUTPUT)
+        return f"{self.prefix}:history:{job_id}"
 
 
 def now() -> str:
@@ -173,8 +173,10 @@ READS = "#!lua flags=no-writes\n"
 # queue's slot only, and on one Redis it is the same as PUBLISH.
 # Every message of a job (its states, and its progress and output, see OUTPUT) is numbered
 # from 1 (`seq` in the job's hash; `state_seq` the number of its last state) and kept in the
-# job's history, a stream whose entry ids are those numbers ({seq}-0, one field `m`: the
-# message as published), so that a watcher can ask for the messages after one it saw.
+# job's history, a list of the messages as published, oldest first (`dropped`: how many the
+# bound dropped from its head, so the message at index i is number dropped + i + 1), so that a
+# watcher can ask for the messages after one it saw (HISTORY). A list, not a stream: Redis
+# gives a new stream a 4 KiB node, which would have been most of a small job's memory.
 LUA_PRELUDE = """
 local P, NOW, RETENTION = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local function job_key(id) return P .. ':job:' .. id end
@@ -183,7 +185,7 @@ local function clock()  -- Redis's time: unix seconds, and microseconds as a sco
   return tonumber(t[1]), t[1] .. string.format('%06d', t[2])
 end
 local function emit(id)
-  local key, stream = job_key(id), P .. ':stream:' .. id
+  local key, history = job_key(id), P .. ':history:' .. id
   local f = redis.call('HMGET', key, 'status', 'result', 'error', 'attempts', 'updated',
                       'version')
   local seq = redis.call('HINCRBY', key, 'seq', 1)
@@ -191,9 +193,9 @@ local function emit(id)
   local m = cjson.encode({type = 'state', id = id, status = f[1], result = f[2] or '',
     error = f[3] or '', attempts = tonumber(f[4]) or 0, updated = f[5],
     version = tonumber(f[6]), seq = seq})
-  redis.pcall('XADD', stream, seq .. '-0', 'm', m)  -- pcall: a history out of step loses this
+  redis.call('RPUSH', history, m)
   if f[1] == 'done' or f[1] == 'failed' or f[1] == 'cancelled' then
-    redis.call('EXPIRE', stream, RETENTION)  -- the history expires with the job
+    redis.call('EXPIRE', history, RETENTION)  -- the history expires with the job
   end
   redis.call('SPUBLISH', P .. ':events', m)
 end
@@ -685,7 +687,7 @@ local function retry(id, one)
   if status == 'failed' or status == 'cancelled' then
     if one then redis.call('LREM', P .. ':dead', 0, id) end
     redis.call('PERSIST', key)
-    redis.call('PERSIST', P .. ':stream:' .. id)
+    redis.call('PERSIST', P .. ':history:' .. id)
     bump(id, 'queued')
     redis.call('HSET', key, 'attempts', 0, 'result', '', 'error', '')
     redis.call('HDEL', key, 'cancel_requested', 'run_at')
@@ -895,8 +897,8 @@ return cjson.encode(out)
 
 # -- a running job's progress and output (issue 17) ------------------------------------------
 
-# KEYS: job, its history (Keys.stream). ARGV: (prefix, now, retention), id, attempt, slot, the
-# history's bound (bytes of progress and output kept), the output's bytes (counted in
+# KEYS: job, its history (Keys.history). ARGV: (prefix, now, retention), id, attempt, slot,
+# the history's bound (bytes of progress and output kept), the output's bytes (counted in
 # output_bytes), the job's newest progress as JSON ('' if none here), then the messages, each
 # a JSON object without its end: `seq` is added here (each message ends `"seq":` before it).
 # Appends them to the history, numbered on from the job's states, and publishes each; past the
@@ -910,7 +912,7 @@ local added, seq = 0, 0
 for i = 10, #ARGV do
   seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   local m = ARGV[i] .. seq .. '}'
-  redis.call('XADD', KEYS[2], seq .. '-0', 'm', m)
+  redis.call('RPUSH', KEYS[2], m)
   redis.call('SPUBLISH', P .. ':events', m)
   added = added + #m
 end
@@ -918,20 +920,30 @@ if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[9]) end
 if tonumber(ARGV[8]) > 0 then count('output_bytes', tonumber(ARGV[8])) end
 local max, stored = tonumber(ARGV[7]), redis.call('HINCRBY', KEYS[1], 'stored', added)
 if stored > max then  -- drop the oldest until what is left fits (the newest always stays)
-  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1][1]
-  local keep, from = nil, '-'
-  while not keep do
-    local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 64)
-    for _, e in ipairs(batch) do
-      if stored <= max or e[1] == last then keep = e[1] break end
-      if string.find(e[2][2], '^{"type":"[op]') then stored = stored - #e[2][2] end
-      from = '(' .. e[1]
-    end
+  local dropped = 0
+  while stored > max and redis.call('LLEN', KEYS[2]) > 1 do
+    local m = redis.call('LPOP', KEYS[2])
+    if string.find(m, '^{"type":"[op]') then stored = stored - #m end  -- progress, output
+    dropped = dropped + 1
   end
-  redis.call('XTRIM', KEYS[2], 'MINID', keep)
   redis.call('HSET', KEYS[1], 'stored', stored)
+  redis.call('HINCRBY', KEYS[1], 'dropped', dropped)
 end
 return seq
+"""
+
+# KEYS: job, its history. ARGV: after, count. The job's messages after number `after`, at
+# most `count` of them: {number of the first given, message, ...} ({} if there is no job).
+# The first may be later than after + 1: those between were dropped (see OUTPUT).
+HISTORY = READS + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'dropped')
+if not f[1] then return {} end
+local dropped = tonumber(f[2]) or 0
+local first = math.max(tonumber(ARGV[1]) + 1, dropped + 1)
+local from = first - dropped - 1
+local out = redis.call('LRANGE', KEYS[2], from, from + tonumber(ARGV[2]) - 1)
+table.insert(out, 1, first)
+return out
 """
 
 def settings_of(flat: dict[str, Any]) -> dict[str, Any]:

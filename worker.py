@@ -707,7 +707,7 @@ class Worker:
                     return
                 job, keys = output.job, output.keys
                 try:
-                    self._output(keys=[keys.job(job.id), keys.stream(job.id)], args=[
+                    self._output(keys=[keys.job(job.id), keys.history(job.id)], args=[
                         *self.common(keys), job.id, job.attempt, output.slot, self.max_output,
                         size, progress, *messages])
                 except UNAVAILABLE as exc:

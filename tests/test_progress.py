@@ -53,10 +53,12 @@ def spec(**fields: Any) -> str:
 
 
 def history(r: Client, prefix: str, job_id: str) -> list[Message]:
-    """What the job's history holds: every message ever sent about it, in order."""
-    entries: list[tuple[str, dict[str, str]]] = r.xrange(  # type: ignore[assignment]
-        Keys(prefix).stream(job_id))
-    return [(int(entry_id.split("-")[0]), fields["m"]) for entry_id, fields in entries]
+    """What the job's history holds: every message ever sent about it that it keeps, in
+    order."""
+    keys = Keys(prefix)
+    dropped = int(r.hget(keys.job(job_id), "dropped") or 0)
+    entries: list[str] = r.lrange(keys.history(job_id), 0, -1)  # type: ignore[assignment]
+    return [(dropped + n + 1, data) for n, data in enumerate(entries)]
 
 
 async def ws_messages(session: aiohttp.ClientSession, base: str, job_id: str,

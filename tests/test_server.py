@@ -148,7 +148,7 @@ async def test_submit_refuses_a_large_body_before_reading_it(make_client: MakeCl
     await assert_error(response, 413, "too large")
     assert (await submit(client, "x" * 900))["input"] == "x" * 900
     assert sorted(k.split(":")[1] for k in job_keys(r, prefix)) == [  # one job, nothing else
-        "counters", "groups", "index", "job", "priorities", "queue", "stream", "wake"]
+        "counters", "groups", "history", "index", "job", "priorities", "queue", "wake"]
 
 
 async def test_status_errors(client: Client) -> None:
