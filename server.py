@@ -195,8 +195,15 @@ def update_from_job(job: dict[str, str]) -> Update:
     message |= {f: job.get(f, "") for f in MESSAGE_FIELDS}
     message["attempts"] = int(job.get("attempts", 0))
     message["version"] = version = int(job.get("version", 0))
-    message["seq"] = seq = int(job.get("state_seq", 0))
+    message["seq"] = seq = state_seq(job)
     return Update(version, job["status"] in TERMINAL, json.dumps(message).encode(), seq)
+
+
+def state_seq(job: dict[str, str]) -> int:
+    """The seq of a job's last state: its last message's, unless output came after it (the
+    worker then noted the state's as it wrote the first)."""
+    seq = int(job.get("seq", 0))
+    return seq if int(job.get("output_seq", 0)) < seq else int(job.get("state_seq", 0))
 
 
 class Topic:
@@ -567,7 +574,7 @@ def shown(job: dict[str, Any]) -> dict[str, Any]:
     numbers, and last its `priority` (5 for a job stored before priorities) and `group` (null
     when it has none)."""
     rest = {name: value for name, value in job.items()
-            if name not in ("priority", "group", "state_seq", "stored")}
+            if name not in ("priority", "group", "state_seq", "output_seq", "stored", "dropped")}
     if "expires_in" in job:
         rest["expires_in"] = float(job["expires_in"])
     if "progress" in rest:  # the newest progress of a try, as the worker's Context gave it

@@ -172,7 +172,7 @@ READS = "#!lua flags=no-writes\n"
 # queue's channel, with sharded pub/sub (SPUBLISH): on a cluster it reaches the nodes of the
 # queue's slot only, and on one Redis it is the same as PUBLISH.
 # Every message of a job (its states, and its progress and output, see OUTPUT) is numbered
-# from 1 (`seq` in the job's hash; `state_seq` the number of its last state) and kept in the
+# from 1 (`seq` in the job's hash: the last one's number) and kept in the
 # job's history, a list of the messages as published, oldest first (`dropped`: how many the
 # bound dropped from its head, so the message at index i is number dropped + i + 1), so that a
 # watcher can ask for the messages after one it saw (HISTORY). A list, not a stream: Redis
@@ -189,7 +189,6 @@ local function emit(id)
   local f = redis.call('HMGET', key, 'status', 'result', 'error', 'attempts', 'updated',
                       'version')
   local seq = redis.call('HINCRBY', key, 'seq', 1)
-  redis.call('HSET', key, 'state_seq', seq)
   local m = cjson.encode({type = 'state', id = id, status = f[1], result = f[2] or '',
     error = f[3] or '', attempts = tonumber(f[4]) or 0, updated = f[5],
     version = tonumber(f[6]), seq = seq})
@@ -906,8 +905,11 @@ return cjson.encode(out)
 # this one no longer is the job's (ended, timed out, reclaimed), else the last seq. Refused
 # while Redis refuses writes (full): the pieces are lost, the job carries on.
 OUTPUT = WRITES + LUA_PRELUDE + """
-local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'worker')
+local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'worker', 'seq', 'output_seq')
 if f[1] ~= 'running' or f[2] ~= ARGV[5] or f[3] ~= ARGV[6] then return 0 end
+if (tonumber(f[5]) or 0) < tonumber(f[4]) then  -- the last message was a state: its number
+  redis.call('HSET', KEYS[1], 'state_seq', f[4])
+end
 local added, seq = 0, 0
 for i = 10, #ARGV do
   seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -916,6 +918,7 @@ for i = 10, #ARGV do
   redis.call('SPUBLISH', P .. ':events', m)
   added = added + #m
 end
+redis.call('HSET', KEYS[1], 'output_seq', seq)
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[9]) end
 if tonumber(ARGV[8]) > 0 then count('output_bytes', tonumber(ARGV[8])) end
 local max, stored = tonumber(ARGV[7]), redis.call('HINCRBY', KEYS[1], 'stored', added)

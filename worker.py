@@ -363,6 +363,9 @@ class Worker:
         self.handler = handler
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler)
         self.takes_context = takes_context(handler)
+        # Whether the handler can report as it runs; one that cannot costs nothing for it.
+        self.streams = self.takes_context or inspect.isgeneratorfunction(handler) \
+            or inspect.isasyncgenfunction(handler)
         self.max_output = max_output
         self.timeout = timeout
         self.max_attempts = max_attempts
@@ -788,7 +791,7 @@ class Worker:
             raise TypeError(f"handler returned {type(result).__name__}, not str")
         return result
 
-    def call_handler(self, slot: Slot, job: Job, output: Output) -> Tried | RetryLater:
+    def call_handler(self, slot: Slot, job: Job, output: Output | None) -> Tried | RetryLater:
         """Run the handler on the job, up to the timeout: a plain one on this (the slot's)
         thread, an async one awaited on the worker's event loop; given the job's Context if it
         takes one; a generator's pieces written as output. The only place where the kind of
@@ -796,7 +799,7 @@ class Worker:
         slot.begin(job, self.timeout)
         try:
             if self.loop is None:
-                return True, self.checked(self.drain(self.handler(*self.arguments(output)),
+                return True, self.checked(self.drain(self.handler(*self.arguments(job, output)),
                                                      output))
             return asyncio.run_coroutine_threadsafe(self.await_handler(slot, job, output),
                                                     self.loop).result()
@@ -809,8 +812,8 @@ class Worker:
         finally:
             slot.end()
 
-    def arguments(self, output: Output) -> tuple[Any, ...]:
-        return (output.job.input, Context(output)) if self.takes_context else (output.job.input,)
+    def arguments(self, job: Job, output: Output | None) -> tuple[Any, ...]:
+        return (job.input, Context(output)) if output and self.takes_context else (job.input,)
 
     @staticmethod
     def piece(value: object) -> str:
@@ -819,11 +822,11 @@ class Worker:
         return value
 
     @classmethod
-    def drain(cls, value: object, output: Output) -> object:
+    def drain(cls, value: object, output: Output | None) -> object:
         """What a plain handler returned; for a generator, each piece it yields written as
         output, and then what it returned (if not None), else the pieces joined. Interrupted
         (a time limit, a cancel) where it runs, it stops there."""
-        if not inspect.isgenerator(value):
+        if not inspect.isgenerator(value) or output is None:
             return value
         pieces: list[str] = []
         try:
@@ -850,7 +853,8 @@ class Worker:
             await cast(Any, value).aclose()
         return "".join(pieces)
 
-    async def await_handler(self, slot: Slot, job: Job, output: Output) -> Tried | RetryLater:
+    async def await_handler(self, slot: Slot, job: Job, output: Output | None
+                            ) -> Tried | RetryLater:
         """On the event loop: await an async handler in a task of its own, which interrupt()
         cancels (only while the handler is awaited, as asyncio.timeout does)."""
         task = cast(asyncio.Task[Any], asyncio.current_task())
@@ -860,8 +864,8 @@ class Worker:
             slot.task = task
         try:
             async with asyncio.timeout(self.timeout or None) as limit:
-                value = self.handler(*self.arguments(output))
-                if inspect.isasyncgen(value):
+                value = self.handler(*self.arguments(job, output))
+                if inspect.isasyncgen(value) and output is not None:
                     return True, self.checked(await self.adrain(value, output))
                 return True, self.checked(await cast(Awaitable[str], value))
         except asyncio.CancelledError:  # interrupted: nothing else cancels this task
@@ -875,14 +879,16 @@ class Worker:
     def process(self, slot: Slot, job: Job, chain: bool = True) -> Job | None:
         """Run one job to its outcome; return the slot's next one if finishing took it (with
         chain)."""
-        slot.output = output = Output(job, slot.taken_from, slot.name, self._written)
+        output = Output(job, slot.taken_from, slot.name, self._written) if self.streams else None
+        slot.output = output
         try:
             tried = self.call_handler(slot, job, output)
         except Interrupted:  # raised as the handler ended, before it could be withdrawn
             slot.end()
             tried = False, slot.why
-        self.write(output, final=True)  # its output before its outcome
-        slot.output = None
+        if output is not None:
+            self.write(output, final=True)  # its output before its outcome
+            slot.output = None
         outcome, ran = self.outcome(job, tried), time.monotonic() - slot.began
         return self.until_redis_takes(lambda: self.finish(slot, job, *outcome, ran=ran,
                                                           take_next=chain))
