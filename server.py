@@ -157,6 +157,8 @@ class Watcher:
         self.floor = 0  # ... and the seq of the job's last message then
 
     def put(self, update: Update | None) -> None:
+        if self._pending and self._pending[-1] is None:
+            return  # closing: nothing more is sent
         if update is not None and len(self._pending) >= BACKLOG:
             self.overflowed = True
             if self.resumable:  # all of them are in the job's history
@@ -1261,10 +1263,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 async def events(request: web.Request) -> web.StreamResponse:
     async with watching(request) as watcher:
-        state = watcher.watcher.first
-        if "Last-Event-ID" in request.headers and state is not None and state.terminal \
-                and state.seq <= (watcher.after or 0):
-            # A reconnect after the end: 204 is what tells an EventSource to stop reconnecting.
+        state, after = watcher.watcher.first, watcher.after
+        if after is not None and state is not None and state.terminal \
+                and (state.seq or state.version) <= after:
+            # Nothing after the end: 204 is what tells an EventSource to stop reconnecting
+            # (Last-Event-ID the last seq; or a URL's after=, which it would reconnect to).
             return web.Response(status=204)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})

@@ -500,3 +500,33 @@ def test_the_dashboard_shows_progress_and_a_clicked_jobs_output(
             f"{i} " for i in range(300))
     finally:
         page.close()
+
+
+def test_a_stream_goes_on_across_a_sentinel_failover(sentinels: Any, procs: Procs) -> None:
+    """Over Sentinel, the master is killed while a job streams: the worker writes on to the new
+    master, the job ends done, a follower that was watching (client.follow) gets to its end,
+    and the job's history is whole: numbered without a gap, each piece once and in order."""
+    import threading
+
+    import client as library
+    procs.redis_url = sentinels.url
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    procs.server(port)
+    procs.worker("--handler", "handlers:stream", "--lease", "10")
+    job_id = submit(base, spec(pieces=300, seconds=4, every=50))
+    followed: list[dict[str, Any]] = []
+    follower = threading.Thread(target=lambda: followed.extend(library.follow(job_id,
+                                                                              server=base)))
+    follower.start()
+    wait_until(lambda: sum(m.get("type") == "output" for m in followed) >= 3,
+               what="output to flow")
+    sentinels.kill_master()
+    sentinels.wait_failover()
+    follower.join(timeout=60)
+    assert not follower.is_alive() and followed[-1]["status"] == "done"
+    got = decoded(read(base, job_id, after=0))
+    assert [m["seq"] for m in got] == list(range(1, len(got) + 1))
+    assert got[-1]["status"] == "done" and got[-1]["result"] == "streamed 300"
+    numbers = [int(n) for m in got if m["type"] == "output" for n in m["data"].split()]
+    assert numbers == sorted(set(numbers)) and numbers[-1] == 299  # none twice, in order
