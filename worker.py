@@ -1034,9 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
                              "Redis to have it (env JOBS_MIN_REPLICAS; default %(default)s)")
     parser.add_argument("--max-output", type=number(int, 0), default=MAX_OUTPUT,
                         metavar="BYTES",
-                        help="bytes of a job's progress and output kept for watchers that join "
-                             "late or reconnect; past it the oldest go (default %(default)s: "
-                             "1 MiB)")
+                        help="bytes of a job's progress and output (1 MiB by default) kept for "
+                             "watchers that join late or reconnect; past it the oldest go "
+                             "(default %(default)s)")
     parser.add_argument("--check", action="store_true",
                         help="check the settings and load the handler, then exit 0 without "
                              "starting (Redis is not contacted)")
