@@ -227,6 +227,7 @@ class Output:
         self.writing = threading.Lock()  # one write at a time, so they land in order
         self.pending: list[tuple[str, Any]] = []  # ("output", [pieces]) or ("progress", {...})
         self.size = 0  # characters pending
+        self.last = 0  # ... in the last message
         self.since = 0.0  # monotonic time the oldest pending message was given
         self.written = -FLUSH_EVERY  # monotonic time of the last write
         self.progress: str = ""  # the newest progress given since the last write, as JSON
@@ -237,12 +238,14 @@ class Output:
         with self.lock:
             empty = not self.pending
             if kind == "output" and not empty and self.pending[-1][0] == "output" \
-                    and sum(map(len, self.pending[-1][1])) < FLUSH_BYTES:
+                    and self.last < FLUSH_BYTES:
                 self.pending[-1][1].append(value)
+                self.last += size
             elif kind == "progress" and not empty and self.pending[-1][0] == "progress":
                 self.pending[-1] = (kind, value)
             else:
                 self.pending.append((kind, [value] if kind == "output" else value))
+                self.last = size
             if kind == "progress":
                 self.progress = json.dumps(value, separators=(",", ":"))
             self.size += size
