@@ -603,8 +603,11 @@ if moved + #due > 0 then wake(moved + #due) end
 if scan then
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', ARGV[4], 'LIMIT', 0,
                                  1000)) do  -- queued past their time: none takes them now
-    redis.call('ZREM', P .. ':expiry', id)
-    if redis.call('HGET', job_key(id), 'status') == 'queued' then
+    local status = redis.call('HGET', job_key(id), 'status')
+    if status ~= 'delayed' then  -- (one due but not yet moved to the queue: the next round)
+      redis.call('ZREM', P .. ':expiry', id)
+    end
+    if status == 'queued' then
       unqueue(id)
       expire(id)
     end
