@@ -380,7 +380,7 @@ def settle(procs: list[subprocess.Popen[bytes]], window: float = 0.25, most: flo
     raise SystemExit("bench: the workers never went idle")
 
 
-def end_to_end(run: Run, n: int, redis_pid: int, server_pid: int | None) -> dict[str, float]:
+def end_to_end(run: Run, n: int, redis_pid: int, server_pid: int | None) -> dict[str, Any]:
     """The shared timing: with the run's workers started, a warm-up job done and read back, the
     processes idle, N jobs enqueued, from the first enqueue to the last job done; jobs/s, CPU
     µs per job of each kind of process (psutil, user + system, children included), the
@@ -406,6 +406,7 @@ def measure(system: Ours | Peer, r: redis.Redis, n: int, redis_pid: int,
     """The CPU-trivial table's row: enqueue/s (no worker running), drain and end-to-end jobs/s
     with 1 and 2 worker processes; the CPU per job of the end to end with 2."""
     out: dict[str, Any] = {}
+    wrong: list[str] = []
     for workers in (1, 2):
         with Run(system, r) as run:
             took = run.enqueue(n)
@@ -414,16 +415,16 @@ def measure(system: Ours | Peer, r: redis.Redis, n: int, redis_pid: int,
             run.start_workers(workers)
             first, last = run.until(n - 1), run.until(0)
             out[f"drain{workers}"] = (n - 1) / (last - first)
-            if wrong := run.check():
-                out["wrong"] = wrong
+            wrong.append(run.check())
         with Run(system, r) as run:
             run.start_workers(workers)
             e2e = end_to_end(run, n, redis_pid, server_pid)
             out[f"e2e{workers}"] = e2e.pop("rate")
-            if "wrong" in e2e:
-                out["wrong"] = e2e.pop("wrong")
+            wrong.append(str(e2e.pop("wrong", "")))
             if workers == 2:
                 out["cpu"] = e2e
+    if any(wrong):
+        out["wrong"] = "; ".join(filter(None, wrong))
     return out
 
 
