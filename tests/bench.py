@@ -391,11 +391,13 @@ def end_to_end(run: Run, n: int, redis_pid: int, server_pid: int | None) -> dict
     wrong = run.check()
     settle(run.workers)
     groups = run.groups(redis_pid, server_pid)
-    since = cpu_of(groups)
+    since, busy = cpu_of(groups), busy_seconds()
     began = time.perf_counter()
     run.enqueue(n)
     last = run.until(0)
-    out = {"rate": n / (last - began), **cpu_per_job(groups, since, n),
+    cpu = cpu_per_job(groups, since, n)
+    others = (busy_seconds() - busy - sum(cpu.values()) * n / 1e6) / (last - began)
+    out = {"rate": n / (last - began), **cpu, "others": others,
            "rss": max(sum(p.memory_info().rss for p in tree([w])) for w in run.workers)}
     problem = wrong or run.check()
     return {**out, **({"wrong": problem} if problem else {})}
@@ -679,10 +681,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         stop([server, redis_proc])
     print(f"\n{os.cpu_count()} cores, redis-server {version}, Python {sys.version.split()[0]}")
-    cpu_head = f"{'producer':>8} {'server':>6} {'workers':>7} {'Redis':>5} {'all':>6}"
+    cpu_head = (f"{'producer':>8} {'server':>6} {'workers':>7} {'Redis':>5} {'all':>6} "
+                f"{'others':>6}")
     if rows:
         print(f"\nCPU-trivial job, jobs/s, N = {args.jobs:,}; CPU µs per job in e2e 2w, of "
-              f"each kind of process")
+              f"each kind of process; others: cores the rest of the machine kept busy then")
         print(f"{'system':8} {'enqueue':>8} {'drain 1w':>8} {'drain 2w':>8} {'e2e 1w':>8} "
               f"{'e2e 2w':>8} | {cpu_head}")
         for name, m in rows:
@@ -704,7 +707,8 @@ def main(argv: list[str] | None = None) -> None:
     if io:
         print(f"\nI/O-bound job (waits 20 ms), 2 idle workers, N = {args.io_jobs:,}, first "
               "enqueue to last done; limit = 2 workers x jobs at once x 50/s; RSS of the "
-              "larger worker (with its children); CPU µs per job of each kind of process")
+              "larger worker (with its children); CPU µs per job of each kind of process; "
+              "others: cores the rest of the machine kept busy")
         print(f"{'system':34} {'jobs/s':>6} {'limit':>6} {'%limit':>6} {'RSS MiB':>7} | "
               f"{cpu_head}")
         for label, limit, m in io:
@@ -723,7 +727,7 @@ def cpu_columns(m: dict[str, float]) -> str:
     """CPU µs per job of each kind of process, and of all."""
     kinds = ("producer", "server", "workers", "redis")
     return (f"{m['producer']:8,.0f} {m['server']:6,.0f} {m['workers']:7,.0f} "
-            f"{m['redis']:5,.0f} {sum(m[k] for k in kinds):6,.0f}")
+            f"{m['redis']:5,.0f} {sum(m[k] for k in kinds):6,.0f} {m['others']:6.2f}")
 
 
 def worker_is(name: str) -> str:
