@@ -47,6 +47,7 @@ As a library, plain functions that print nothing and return the job (or queue) a
     client.set_schedule("ping", "ping", every=60, queue="emails", overlap="skip")
     client.schedules()                         # [{"name", "cron", "next_run", "runs", ...}]
     client.pause_schedule("ping"); client.resume_schedule("ping"); client.delete_schedule("ping")
+    client.enqueue("hello", redis_url="redis://localhost:6379/0")  # no HTTP: needs redis-py
 
 They raise `TimeoutError` when the job has not ended in time, and `ServerError` when the server
 cannot be reached or refuses (a bad priority, group, limit or schedule: 400; an unknown
@@ -74,7 +75,7 @@ import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import aiohttp
 
@@ -461,6 +462,58 @@ def submit(text: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
     return blocking(token, lambda s: submit_job(
         s, server.rstrip("/"), text, delay, queue, priority, group, expires_in,
         key=idempotency_key, retry_for=retry_for))
+
+
+def enqueue(text: str | list[str], *, redis_url: str = "redis://localhost:6379/0",
+            queue: str = DEFAULT_QUEUE, priority: int | None = None, group: str | None = None,
+            delay: float | None = None, expires_in: float | None = None,
+            prefix: str | None = None) -> Job | list[Job]:
+    """Submit without HTTP, for code that runs beside the workers: the same SUBMIT script the
+    server runs, on a Redis connection kept per URL, with the same checks (ValueError says what
+    is wrong) and the same job (every server's watchers see it at once). A list of texts is one
+    bulk submit, all stored or none. `prefix`: the deployment's (JOBS_PREFIX, else {jobs}).
+    Needs the redis package, imported here: the rest of this module speaks HTTP with aiohttp
+    alone. Returns the job (a list of them for a list) as stored."""
+    import store
+    if not store.QUEUE_NAME.fullmatch(queue):
+        raise ValueError("queue must be a name of 1 to 64 characters a-z, 0-9, _ and -")
+    asked = store.Submission.of(given(
+        **({"inputs": text} if isinstance(text, list) else {"input": text}), priority=priority,
+        group=group, delay=delay, expires_in=expires_in))
+    producer = Producer.of(redis_url, prefix or os.environ.get("JOBS_PREFIX") or store.PREFIX)
+    jobs = producer.submit(asked, queue)
+    return jobs if isinstance(text, list) else jobs[0]
+
+
+class Producer:
+    """enqueue()'s connection to one Redis: a client, the SUBMIT script, the queues known to
+    be in the registry. One per URL and prefix, made on first use."""
+
+    made: ClassVar[dict[tuple[str, str], Producer]] = {}
+
+    def __init__(self, redis_url: str, prefix: str) -> None:
+        import store
+        self.prefix, self.registered = prefix, set[str]()
+        self.redis = store.connect(redis_url, decode_responses=True, client_name="jobs-producer")
+        self.script = self.redis.register_script(store.SUBMIT)
+
+    @classmethod
+    def of(cls, redis_url: str, prefix: str) -> Producer:
+        if (redis_url, prefix) not in cls.made:
+            cls.made[redis_url, prefix] = cls(redis_url, prefix)
+        return cls.made[redis_url, prefix]
+
+    def submit(self, asked: Any, queue: str) -> list[Job]:
+        import store
+        keys = store.Keys(self.prefix, queue)
+        if queue not in self.registered:  # as a server registers a queue before its first job
+            self.redis.sadd(keys.registry, queue)
+            self.registered.add(queue)
+        jobs = store.new_jobs(asked.texts, asked.due, queue, asked.priority, asked.group,
+                              asked.expires_in)
+        self.script(keys=[keys.queue], args=store.submit_args(
+            keys.prefix, store.RETENTION, jobs, asked.due))
+        return [job | {"group": job.get("group")} for job in jobs]
 
 
 def queue_call(name: str, server: str, token: str | None, action: str = "",
