@@ -14,7 +14,17 @@
     python client.py --queue emails --concurrency 4 --rate-limit 10/1   # a queue's limits
     python client.py --queue emails --group-concurrency none            # none: no such limit
     python client.py --queue emails --pause      # starts nothing until --resume (still queues)
+    python client.py --expires-in 300 "now or never"   # cancelled if not started within 300 s
+    python client.py --schedule nightly --cron "0 3 * * *" --timezone Europe/Paris "backup"
+    python client.py --schedule ping --every 60 --overlap skip "ping"  # a job every minute
+    python client.py --schedules                 # every schedule: when, next run, runs, last job
+    python client.py --pause-schedule nightly    # and --resume-schedule, --delete-schedule
     JOBS_TOKEN=secret python client.py "hi"      # a server started with a token needs it
+
+Every submit carries an `Idempotency-Key` of its own (a uuid4, made once per submit). A submit
+that gets no answer (connection refused or dropped, no answer in time, 502, 503 or 504) is sent
+again, the same request with the same key, with backoff, for up to 10 s: the server makes one
+job of it however many of the tries reached it, so retrying can never submit twice.
 
 Progress goes to stderr, the result to stdout. The client follows the job over the WebSocket;
 if the connection drops (a server restart, say) it asks /status and reconnects until --timeout.
@@ -33,10 +43,17 @@ As a library, plain functions that print nothing and return the job (or queue) a
     client.pause("default"); client.resume("default")
     client.queues()                            # [{"name", "length", "running", "paused", ...}]
     client.queue("default")["settings"]        # {"rate_limit": {"jobs": 10, "per": 1}, ...}
+    client.set_schedule("nightly", "backup", cron="0 3 * * *", timezone="Europe/Paris")
+    client.set_schedule("ping", "ping", every=60, queue="emails", overlap="skip")
+    client.schedules()                         # [{"name", "cron", "next_run", "runs", ...}]
+    client.pause_schedule("ping"); client.resume_schedule("ping"); client.delete_schedule("ping")
+    client.enqueue("hello", redis_url="redis://localhost:6379/0")  # no HTTP: needs redis-py
 
 They raise `TimeoutError` when the job has not ended in time, and `ServerError` when the server
-cannot be reached or refuses (a bad priority, group or limit: 400) (`.status`: the HTTP status
-or None; `.error`: the server's text), `TokenNeeded` (a `ServerError`) on a 401. With
+cannot be reached or refuses (a bad priority, group, limit or schedule: 400; an unknown
+schedule: 404) (`.status`: the HTTP status or None; `.error`: the server's text),
+`TokenNeeded` (a `ServerError`) on a 401. `submit` sends its submit again when it gets no
+answer, with the same Idempotency-Key (see above), for up to `retry_for` seconds. With
 `token=None` they send the token in the environment variable JOBS_TOKEN, if set, as the
 command line does. Progress is logged at INFO on this module's logger. From async code, use
 the async pieces they are made of:
@@ -53,10 +70,12 @@ import math
 import os
 import re
 import sys
+import time
 import urllib.parse
-from collections.abc import AsyncGenerator, Callable, Iterator
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import aiohttp
 from aiohttp import WSCloseCode
@@ -73,10 +92,15 @@ PRIORITIES = range(1, 10)  # a job's priority: higher starts first
 DEFAULT_PRIORITY = 5
 GROUP_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 LIMITS = ("rate_limit", "concurrency", "group_rate_limit", "group_concurrency")  # of a queue
+SUBMIT_RETRY_FOR = 10.0  # seconds a submit that got no answer is sent again for (same key)
+TRY_TIMEOUT = 10.0  # seconds one try of a submit waits for its answer
+NO_ANSWER = (502, 503, 504)  # a proxy's (or the server's) "not now": the submit is sent again
+OVERLAP = ("allow", "skip")  # what a schedule's tick does while its last job has not ended
 
 log = logging.getLogger(__name__)
 Job = dict[str, Any]
 Queue = dict[str, Any]  # as GET /queues/NAME gives it: name, length, running, paused, settings
+Schedule = dict[str, Any]  # as GET /schedules/NAME gives it: name, cron or every, next_run, ...
 T = TypeVar("T")
 
 
@@ -138,6 +162,30 @@ def queue_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a queue name (a-z, 0-9, _ and -, "
                                          f"1 to 64 characters)")
     return text
+
+
+def schedule_name(text: str) -> str:
+    """An argparse type: a schedule's name (the characters of a queue's)."""
+    if not re.fullmatch(r"[a-z0-9_-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a schedule name (a-z, 0-9, _ and -, "
+                                         f"1 to 64 characters)")
+    return text
+
+
+def cron(text: str) -> str:
+    """An argparse type: a cron expression's shape, five fields (the server checks each)."""
+    if len(text.split()) != 5:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cron expression: five fields, "
+                                         f"minute hour day-of-month month day-of-week (like "
+                                         f"'*/5 * * * *')")
+    return " ".join(text.split())
+
+
+def every(text: str) -> int | float:
+    """An argparse type: a schedule's period, at least 1 second (60, not 60.0, in the request)."""
+    if (value := number(text)) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (at least 1 second)")
+    return int(value) if value.is_integer() else value
 
 
 def priority(text: str) -> int:
@@ -221,16 +269,28 @@ def open_session(token: str | None = None) -> aiohttp.ClientSession:
 
 async def request_json(session: aiohttp.ClientSession, method: str, url: str,
                        **kwargs: Any) -> dict[str, Any]:
+    """The JSON object a request is answered with ({} for an empty answer: a 204). ServerError
+    with `status` None when no answer came, with the status and the server's words (or the
+    start of a proxy's page) for an error."""
     try:
         async with session.request(method, url, **kwargs) as response:
-            body = await response.json(content_type=None)
-    except (aiohttp.ClientError, ValueError) as exc:
-        raise ServerError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+            text = (await response.read()).decode("utf-8", "replace")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        why = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError)
+                           else type(exc).__name__)
+        raise ServerError(f"cannot reach {url}: {why}") from None
+    try:
+        body = json.loads(text) if text else {}
+    except ValueError:
+        body = None
     if response.status >= 400:
-        error = str(body.get("error", body) if isinstance(body, dict) else body)
+        error = (str(body.get("error", body)) if isinstance(body, dict)
+                 else " ".join(text.split())[:200] or str(response.reason))
         kind = TokenNeeded if response.status == 401 else ServerError
         raise kind(f"server said {response.status}: {error}", response.status, error)
-    return body  # type: ignore[no-any-return]
+    if not isinstance(body, dict):
+        raise ServerError(f"cannot reach {url}: it answered {response.status} with no JSON object")
+    return body
 
 
 def job_url(server: str, job_id: str, action: str) -> str:
@@ -242,15 +302,48 @@ def on(queue: str, **params: str) -> dict[str, str]:
     return params | ({} if queue == DEFAULT_QUEUE else {"queue": queue})
 
 
+def given(**fields: Any) -> dict[str, Any]:
+    """A request's body: the fields given (None: not given, the server's default)."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 async def submit_job(session: aiohttp.ClientSession, server: str, text: str,
                      delay: float | None = None, queue: str = DEFAULT_QUEUE,
-                     priority: int | None = None, group: str | None = None) -> Job:
-    body: dict[str, Any] = {"input": text} if delay is None else {"input": text, "delay": delay}
-    for name, value in (("queue", None if queue == DEFAULT_QUEUE else queue),
-                        ("priority", priority), ("group", group)):
-        if value is not None:
-            body[name] = value
-    return await request_json(session, "POST", f"{server}/submit", json=body)
+                     priority: int | None = None, group: str | None = None,
+                     expires_in: float | None = None, *, key: str | None = None,
+                     retry_for: float = SUBMIT_RETRY_FOR) -> Job:
+    """POST /submit with an Idempotency-Key (`key`, else a new uuid4), the job as the server
+    stored it. A try that gets no answer (the server cannot be reached, the connection drops,
+    nothing comes within TRY_TIMEOUT s, or a 502, 503 or 504) is sent again, the same bytes with
+    the same key, with backoff, until `retry_for` seconds have passed: the server makes one job
+    however many of the tries reached it, and answers a later one with that job (200, as it is
+    now). Then the last ServerError is raised, saying how many tries there were."""
+    body = json.dumps(given(input=text, delay=delay, queue=None if queue == DEFAULT_QUEUE
+                            else queue, priority=priority, group=group,
+                            expires_in=expires_in)).encode()  # the same bytes on every try
+    headers = {"Content-Type": "application/json", "Idempotency-Key": key or uuid.uuid4().hex}
+    url, timeout = f"{server}/submit", aiohttp.ClientTimeout(total=TRY_TIMEOUT, sock_connect=5)
+    start, pause, tries = time.monotonic(), 0.1, 1
+    while True:
+        try:
+            job = await request_json(session, "POST", url, data=body, headers=headers,
+                                     timeout=timeout)
+        except ServerError as exc:
+            answered = exc.status is not None and exc.status not in NO_ANSWER
+            if answered or time.monotonic() + pause > start + retry_for:
+                if tries == 1:
+                    raise
+                raise type(exc)(f"{exc} (after {tries} tries in {time.monotonic() - start:.0f}s, "
+                                f"each with the same Idempotency-Key)", exc.status,
+                                exc.error) from None
+            log.debug("submit, try %d: %s; sending it again in %.1fs", tries, exc, pause)
+        else:
+            if tries > 1:
+                log.info("submit answered at try %d (the same Idempotency-Key each time: one "
+                         "job)", tries)
+            return job
+        await asyncio.sleep(pause)
+        pause, tries = min(pause * 2, RECONNECT_CAP), tries + 1
 
 
 def queue_url(server: str, name: str, action: str = "") -> str:
@@ -264,6 +357,21 @@ async def queue_request(session: aiohttp.ClientSession, server: str, name: str,
         return await request_json(session, "PUT", queue_url(server, name), json=settings)
     method = "POST" if action else "GET"
     return await request_json(session, method, queue_url(server, name, action))
+
+
+def schedule_url(server: str, name: str = "", action: str = "") -> str:
+    return (f"{server}/schedules" + (f"/{urllib.parse.quote(name, safe='')}" if name else "")
+            + (f"/{action}" if action else ""))
+
+
+def schedule_body(text: str, *, cron: str | None = None, timezone: str | None = None,
+                  every: float | None = None, queue: str | None = None,
+                  priority: int | None = None, group: str | None = None,
+                  expires_in: float | None = None, overlap: str | None = None) -> dict[str, Any]:
+    """PUT /schedules/NAME's body: the job each tick makes (`text` its input), and when."""
+    return given(cron=cron, timezone=timezone, every=every, input=text,
+                 queue=None if queue == DEFAULT_QUEUE else queue, priority=priority,
+                 group=group, expires_in=expires_in, overlap=overlap)
 
 
 async def job_messages(session: aiohttp.ClientSession, server: str, job_id: str,
@@ -344,30 +452,97 @@ def too_late(timeout: float, job_id: str) -> TimeoutError:
     return TimeoutError(f"timed out after {timeout:g}s waiting for job {job_id}")
 
 
+def blocking(token: str | None, call: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
+    """Run `call` with a session of its own (see open_session), from code that is not async."""
+    async def go() -> T:
+        async with open_session(token) as s:
+            return await call(s)
+    return asyncio.run(go())
+
+
 def submit(text: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
            delay: float | None = None, queue: str = DEFAULT_QUEUE, priority: int | None = None,
-           group: str | None = None) -> Job:
+           group: str | None = None, expires_in: float | None = None,
+           idempotency_key: str | None = None, retry_for: float = SUBMIT_RETRY_FOR) -> Job:
     """Submit a job (POST /submit) and return it as the server stored it: `status` "queued",
     or "delayed" with `run_at` when `delay` (seconds, at least 0) is given. `priority`: 1 to 9,
     higher starts first (None: the server's default, 5); `group`: jobs of one group share the
     queue fairly with other groups, and a queue's group limits count each group on its own.
+    `expires_in`: seconds (more than 0) the job has to start in, counted from when it is due;
+    not started by then, it ends "cancelled" (`error` "expired: ...") and never runs.
+
+    It sends an Idempotency-Key, `idempotency_key` (1 to 255 printable ASCII characters; keep
+    one per logical job to submit it again safely, even from another process) or a new uuid4,
+    and sends the very same request again while it gets no answer (cannot connect, a dropped
+    connection, nothing within 10 s, a 502, 503 or 504), with backoff, for up to `retry_for`
+    seconds (0: one try): the server makes one job however many tries reach it, and a try
+    after the first that did gets that job as it is now.
 
     token: sent as `Authorization: Bearer <token>`; None: the environment variable JOBS_TOKEN
     if set, else none. Raises ServerError (TokenNeeded on a 401) if the server cannot be
-    reached or refuses (a 400 for a bad delay, priority or group), ValueError for an empty
-    token."""
-    async def go() -> Job:
-        async with open_session(token) as s:
-            return await submit_job(s, server.rstrip("/"), text, delay, queue, priority, group)
-    return asyncio.run(go())
+    reached or refuses (a 400 for a bad delay, priority, group, expires_in or key; a 409 for a
+    key sent before with another body), ValueError for an empty token."""
+    return blocking(token, lambda s: submit_job(
+        s, server.rstrip("/"), text, delay, queue, priority, group, expires_in,
+        key=idempotency_key, retry_for=retry_for))
+
+
+def enqueue(text: str | list[str], *, redis_url: str = "redis://localhost:6379/0",
+            queue: str = DEFAULT_QUEUE, priority: int | None = None, group: str | None = None,
+            delay: float | None = None, expires_in: float | None = None,
+            prefix: str | None = None) -> Job | list[Job]:
+    """Submit without HTTP, for code that runs beside the workers: the same SUBMIT script the
+    server runs, on a Redis connection kept per URL, with the same checks (ValueError says what
+    is wrong) and the same job (every server's watchers see it at once). A list of texts is one
+    bulk submit, all stored or none. `prefix`: the deployment's (JOBS_PREFIX, else {jobs}).
+    Needs the redis package, imported here: the rest of this module speaks HTTP with aiohttp
+    alone. Returns the job (a list of them for a list) as stored."""
+    import store
+    if not store.QUEUE_NAME.fullmatch(queue):
+        raise ValueError("queue must be a name of 1 to 64 characters a-z, 0-9, _ and -")
+    asked = store.Submission.of(given(
+        **({"inputs": text} if isinstance(text, list) else {"input": text}), priority=priority,
+        group=group, delay=delay, expires_in=expires_in))
+    producer = Producer.of(redis_url, prefix or os.environ.get("JOBS_PREFIX") or store.PREFIX)
+    jobs = producer.submit(asked, queue)
+    return jobs if isinstance(text, list) else jobs[0]
+
+
+class Producer:
+    """enqueue()'s connection to one Redis: a client, the SUBMIT script, the queues known to
+    be in the registry. One per URL and prefix, made on first use."""
+
+    made: ClassVar[dict[tuple[str, str], Producer]] = {}
+
+    def __init__(self, redis_url: str, prefix: str) -> None:
+        import store
+        self.prefix, self.registered = prefix, set[str]()
+        self.redis = store.connect(redis_url, decode_responses=True, client_name="jobs-producer")
+        self.script = self.redis.register_script(store.SUBMIT)
+
+    @classmethod
+    def of(cls, redis_url: str, prefix: str) -> Producer:
+        if (redis_url, prefix) not in cls.made:
+            cls.made[redis_url, prefix] = cls(redis_url, prefix)
+        return cls.made[redis_url, prefix]
+
+    def submit(self, asked: Any, queue: str) -> list[Job]:
+        import store
+        keys = store.Keys(self.prefix, queue)
+        if queue not in self.registered:  # as a server registers a queue before its first job
+            self.redis.sadd(keys.registry, queue)
+            self.registered.add(queue)
+        jobs = store.new_jobs(asked.texts, asked.due, queue, asked.priority, asked.group,
+                              asked.expires_in)
+        self.script(keys=[keys.queue], args=store.submit_args(
+            keys.prefix, store.RETENTION, jobs, asked.due))
+        return [job | {"group": job.get("group")} for job in jobs]
 
 
 def queue_call(name: str, server: str, token: str | None, action: str = "",
                settings: dict[str, Any] | None = None) -> Queue:
-    async def go() -> Queue:
-        async with open_session(token) as s:
-            return await queue_request(s, server.rstrip("/"), name, action, settings)
-    return asyncio.run(go())
+    return blocking(token, lambda s: queue_request(s, server.rstrip("/"), name, action,
+                                                   settings))
 
 
 def queues(*, server: str = DEFAULT_SERVER, token: str | None = None) -> list[Queue]:
@@ -414,6 +589,66 @@ def pause(name: str, *, server: str = DEFAULT_SERVER, token: str | None = None) 
 def resume(name: str, *, server: str = DEFAULT_SERVER, token: str | None = None) -> Queue:
     """Start a paused queue's jobs again (POST /queues/NAME/resume). The queue after."""
     return queue_call(name, server, token, "resume")
+
+
+def schedules(*, server: str = DEFAULT_SERVER, token: str | None = None) -> list[Schedule]:
+    """Every schedule (GET /schedules), by name: each a dict with `name`, `cron` and `timezone`
+    or `every` (seconds), the job it makes (`input`, `queue`, `priority`, `group`,
+    `expires_in`), `overlap`, `paused`, `next_run` (RFC 3339, in the schedule's zone),
+    `last_job` (the id of the last job it made, or None) and `runs`. Raises ServerError as
+    `submit` does."""
+    url = schedule_url(server.rstrip("/"))
+    return list(blocking(token, lambda s: request_json(s, "GET", url))["schedules"])
+
+
+def schedule(name: str, *, server: str = DEFAULT_SERVER, token: str | None = None) -> Schedule:
+    """One schedule (GET /schedules/NAME), as `schedules` gives each. ServerError 404: none
+    of that name."""
+    url = schedule_url(server.rstrip("/"), name)
+    return blocking(token, lambda s: request_json(s, "GET", url))
+
+
+def set_schedule(name: str, input: str, *, cron: str | None = None,
+                 timezone: str | None = None, every: float | None = None,
+                 queue: str | None = None, priority: int | None = None,
+                 group: str | None = None, expires_in: float | None = None,
+                 overlap: str | None = None, server: str = DEFAULT_SERVER,
+                 token: str | None = None) -> Schedule:
+    """Create or replace a schedule (PUT /schedules/NAME): at each tick, a job of `input`. The
+    ticks: `cron` ("*/5 * * * *": minute, hour, day of month, month, day of week) in
+    `timezone` (an IANA name, default UTC), or `every` seconds (at least 1; the multiples of it
+    since 1970). The job: `queue`, `priority`, `group` and `expires_in` as `submit` takes them.
+    `overlap` "skip": no job while the last one has not ended (default "allow"). None: not
+    given. The schedule after; ServerError 400 for a bad value (the server says which)."""
+    url = schedule_url(server.rstrip("/"), name)
+    body = schedule_body(input, cron=cron, timezone=timezone, every=every, queue=queue,
+                         priority=priority, group=group, expires_in=expires_in,
+                         overlap=overlap)
+    return blocking(token, lambda s: request_json(s, "PUT", url, json=body))
+
+
+def delete_schedule(name: str, *, server: str = DEFAULT_SERVER,
+                    token: str | None = None) -> None:
+    """Delete a schedule (DELETE /schedules/NAME); the jobs it made stay. ServerError 404: none
+    of that name."""
+    url = schedule_url(server.rstrip("/"), name)
+    blocking(token, lambda s: request_json(s, "DELETE", url))
+
+
+def pause_schedule(name: str, *, server: str = DEFAULT_SERVER,
+                   token: str | None = None) -> Schedule:
+    """Pause a schedule (POST /schedules/NAME/pause): its ticks pass without a job until
+    `resume_schedule`. The schedule after."""
+    url = schedule_url(server.rstrip("/"), name, "pause")
+    return blocking(token, lambda s: request_json(s, "POST", url))
+
+
+def resume_schedule(name: str, *, server: str = DEFAULT_SERVER,
+                    token: str | None = None) -> Schedule:
+    """Resume a paused schedule (POST /schedules/NAME/resume): jobs again from its next tick on
+    (the ticks it missed while paused make none). The schedule after."""
+    url = schedule_url(server.rstrip("/"), name, "resume")
+    return blocking(token, lambda s: request_json(s, "POST", url))
 
 
 def wait(job_id: str, *, server: str = DEFAULT_SERVER, token: str | None = None,
@@ -481,8 +716,9 @@ def outcome(job: Job, shown: Shown | None = None) -> int:
         return DONE
     if job["status"] == "failed":
         log.error("job %s failed: %s", job["id"], job.get("error", ""))
-    else:
-        log.error("job %s was cancelled", job["id"])
+    else:  # by hand, or it expired before it started (its error says so)
+        why = job.get("error")
+        log.error("job %s was cancelled%s", job["id"], f" ({why})" if why else "")
     return FAILED
 
 
@@ -616,6 +852,17 @@ def queue_line(queue: Queue) -> str:
             f"{queue.get('held_back', 0)} held back;  {limits(queue.get('settings', {}))}")
 
 
+def schedule_line(schedule: Schedule) -> str:
+    """One schedule of --schedules: name, paused or not, when, next run, runs, last job."""
+    ticks = (f"cron '{schedule['cron']}' {schedule.get('timezone', 'UTC')}"
+             if "cron" in schedule else f"every {schedule['every']:g}s")
+    runs, queue = schedule.get("runs", 0), schedule.get("queue", DEFAULT_QUEUE)
+    return (f"{schedule['name']:<16} {'paused' if schedule.get('paused') else 'active':<6}  "
+            f"{ticks:<32}  next {when(schedule.get('next_run'))}  {runs} run"
+            f"{'' if runs == 1 else 's'}, last job {schedule.get('last_job') or '-'}"
+            + ("" if queue == DEFAULT_QUEUE else f";  queue {queue}"))
+
+
 def summary(stats: dict[str, Any]) -> list[str]:
     """GET /stats in a few lines for a person (the JSON is one curl away)."""
     jobs, totals, workers = stats.get("jobs", {}), stats.get("totals", {}), stats.get("workers", [])
@@ -670,10 +917,34 @@ async def act(session: aiohttp.ClientSession, server: str, args: argparse.Namesp
         print(queue_line(await queue_request(session, server, args.queue, action,
                                              args.settings or None)), flush=True)
         return DONE
+    if args.schedules:
+        listed = (await request_json(session, "GET", schedule_url(server)))["schedules"]
+        for schedule in listed:
+            print(schedule_line(schedule), flush=True)
+        log.info("%d schedule%s", len(listed), "" if len(listed) == 1 else "s")
+        return DONE
+    if args.schedule is not None:
+        body = schedule_body(args.text, cron=args.cron, timezone=args.timezone,
+                             every=args.every, queue=args.queue, priority=args.priority,
+                             group=args.group, expires_in=args.expires_in, overlap=args.overlap)
+        print(schedule_line(await request_json(session, "PUT", schedule_url(
+            server, args.schedule), json=body)), flush=True)
+        return DONE
+    if args.delete_schedule:
+        await request_json(session, "DELETE", schedule_url(server, args.delete_schedule))
+        log.info("schedule %s deleted", args.delete_schedule)
+        return DONE
+    if args.pause_schedule or args.resume_schedule:
+        name, action = ((args.pause_schedule, "pause") if args.pause_schedule
+                        else (args.resume_schedule, "resume"))
+        print(schedule_line(await request_json(session, "POST", schedule_url(
+            server, name, action))), flush=True)
+        return DONE
     job_id, timeout = args.watch, args.timeout
     if args.text is not None:
         job_id = (await submit_job(session, server, args.text, args.delay, args.queue,
-                                   args.priority, args.group))["id"]
+                                   args.priority, args.group, args.expires_in,
+                                   retry_for=min(SUBMIT_RETRY_FOR, args.timeout)))["id"]
         timeout += args.delay or 0
     elif args.retry:
         job_id = (await request_json(session, "POST", job_url(server, args.retry, "retry"),
@@ -713,9 +984,15 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="exit status: 0 done (--cancel, --pause, --resume, limits: accepted; --list, "
-               "--stats, --queues: printed), 1 failed or cancelled, 2 usage or connection error "
-               "or refused by the server (401: a token is needed; 400: a bad value), 3 timed out")
+        epilog="A submit carries an Idempotency-Key of its own, and one that gets no answer "
+               "(no connection, a dropped one, a 502, 503 or 504) is sent again with the same "
+               "key for up to 10 s (or --timeout): safe, since the server makes one job of "
+               "it however many tries reach it. "
+               "Exit status: 0 done (--cancel, --pause, --resume, limits, and the schedule "
+               "flags: accepted; --list, --stats, --queues, --schedules: printed), 1 failed or "
+               "cancelled (an expired job is cancelled), 2 usage or connection error or "
+               "refused by the server (401: a token is needed; 400: a bad value; 404: no such "
+               "schedule), 3 timed out")
     server = os.environ.get("JOBS_SERVER", DEFAULT_SERVER)
     token = os.environ.get("JOBS_TOKEN")
     for name, check, value in (("JOBS_SERVER", server_url, server),
@@ -727,7 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
             shown = "" if name == "JOBS_TOKEN" else f"={value!r}"  # a secret is never shown
             parser.exit(2, f"{parser.prog}: error: environment variable {name}{shown}: {exc}\n")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("text", nargs="?", metavar="TEXT", help="the input of a job to submit")
+    what.add_argument("text", nargs="?", metavar="TEXT",
+                      help="the input of a job to submit (with --schedule: of each job it makes)")
     what.add_argument("--watch", metavar="ID",
                       help="follow an existing job instead of submitting one")
     what.add_argument("--list", metavar="STATUS", choices=STATES,
@@ -748,6 +1026,36 @@ def main(argv: list[str] | None = None) -> int:
                            "jobs until --resume (those running finish); prints the queue")
     what.add_argument("--resume", action="store_true",
                       help="start the paused --queue's jobs again; prints the queue")
+    what.add_argument("--schedules", action="store_true",
+                      help="print every schedule, one line each: name, paused or active, its "
+                           "cron and zone or its period, next run, runs, last job")
+    what.add_argument("--delete-schedule", type=schedule_name, metavar="NAME",
+                      help="delete a schedule (the jobs it made stay)")
+    what.add_argument("--pause-schedule", type=schedule_name, metavar="NAME",
+                      help="pause a schedule: its ticks pass without a job until "
+                           "--resume-schedule; prints the schedule")
+    what.add_argument("--resume-schedule", type=schedule_name, metavar="NAME",
+                      help="resume a paused schedule from its next tick on (the ticks missed "
+                           "while paused make no job); prints the schedule")
+    # A schedule: its name and ticks here, its job's input as TEXT (with --queue, --priority,
+    # --group and --expires-in as for a submit).
+    parser.add_argument("--schedule", type=schedule_name, metavar="NAME",
+                        help="create or replace the schedule NAME (a-z, 0-9, _ and -, 1 to 64 "
+                             "characters): a job of TEXT at each tick of --cron or --every, to "
+                             "the --queue, with --priority, --group, --expires-in and "
+                             "--overlap; prints the schedule")
+    parser.add_argument("--cron", type=cron, metavar="EXPR",
+                        help="with --schedule: its ticks, a cron expression of five fields "
+                             "(minute hour day-of-month month day-of-week, like '*/5 * * * *')")
+    parser.add_argument("--timezone", metavar="ZONE",
+                        help="with --cron: the IANA zone its times are in, like Europe/Paris "
+                             "(UTC if not given)")
+    parser.add_argument("--every", type=every, metavar="SECONDS",
+                        help="with --schedule: a tick every SECONDS (at least 1), at the "
+                             "multiples of it since 1970")
+    parser.add_argument("--overlap", choices=OVERLAP,
+                        help="with --schedule: skip makes no job while its last one has not "
+                             "ended; allow (if not given) makes one at every tick")
     # A queue's limits, kept in Redis for every worker and server: given alone (with --queue),
     # those named change and the others stay.
     for flag, kind, metavar, text in (
@@ -769,13 +1077,17 @@ def main(argv: list[str] | None = None) -> int:
                              "Bearer' (env JOBS_TOKEN, which is safer: a flag shows in ps)")
     parser.add_argument("--timeout", type=seconds, default=60.0, metavar="SECONDS",
                         help="seconds to wait for the job to end, after its --delay "
-                             "(default %(default)s)")
+                             "(default %(default)s); a submit that gets no answer is sent "
+                             "again, with the same Idempotency-Key, for up to 10 s of it")
     parser.add_argument("--queue", type=queue_name, default=DEFAULT_QUEUE, metavar="NAME",
-                        help="the queue of the job(s), of --stats, and the one --pause, --resume "
-                             "and the limits change: a-z, 0-9, _ and -, 1 to 64 characters "
-                             "(default %(default)s)")
+                        help="the queue of the job(s) (a --schedule's too), of --stats, and the "
+                             "one --pause, --resume and the limits change: a-z, 0-9, _ and -, "
+                             "1 to 64 characters (default %(default)s)")
     parser.add_argument("--delay", type=delay, metavar="SECONDS",
                         help="with TEXT: run the job SECONDS from now (status delayed until)")
+    parser.add_argument("--expires-in", type=seconds, metavar="SECONDS",
+                        help="with TEXT: the job must start within SECONDS (more than 0) of "
+                             "being due, else it ends cancelled and never runs")
     parser.add_argument("--priority", type=priority, metavar="N",
                         help=f"with TEXT: the job's priority, 1 to 9: a higher one starts "
                              f"first (default {DEFAULT_PRIORITY})")
@@ -789,16 +1101,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --list: how many jobs at most (default 50)")
     args = parser.parse_args(argv)
     args.settings = {name: getattr(args, name) for name in LIMITS if hasattr(args, name)}
-    actions = ("text", "watch", "list", "retry", "cancel", "stats", "queues", "pause", "resume")
+    actions = ("text", "watch", "list", "retry", "cancel", "stats", "queues", "pause", "resume",
+               "schedules", "schedule", "delete_schedule", "pause_schedule", "resume_schedule")
     if args.settings and any(getattr(args, name) not in (None, False) for name in actions):
         parser.error("the limits (--rate-limit, --concurrency, --group-rate-limit, "
                      "--group-concurrency) go alone, with --queue")
+    if args.schedule is not None:
+        if args.text is None:
+            parser.error("--schedule NAME needs the TEXT of the jobs it makes, and --cron or "
+                         "--every")
+        if (args.cron is None) == (args.every is None):
+            parser.error("--schedule takes --cron EXPR or --every SECONDS, one of them")
+        for flag in ("delay", "no_wait"):
+            if getattr(args, flag) not in (None, False):
+                parser.error(f"--{flag.replace('_', '-')} is for a submit, not a --schedule")
+    for flag in ("cron", "every", "overlap"):
+        if getattr(args, flag) is not None and args.schedule is None:
+            parser.error(f"--{flag} goes with --schedule")
+    if args.timezone is not None and args.cron is None:
+        parser.error("--timezone goes with --cron (--every counts seconds, in no zone)")
     if not args.settings and all(getattr(args, name) in (None, False) for name in actions):
         parser.error("give TEXT, or one of --watch --list --retry --cancel --stats --queues "
-                     "--pause --resume, or limits to set")
-    for name in ("delay", "priority", "group"):
+                     "--pause --resume --schedules --schedule --delete-schedule "
+                     "--pause-schedule --resume-schedule, or limits to set")
+    for name in ("delay", "priority", "group", "expires_in"):
         if getattr(args, name) is not None and args.text is None:
-            parser.error(f"--{name} goes with TEXT")
+            parser.error(f"--{name.replace('_', '-')} goes with TEXT")
     if args.no_wait and args.text is None and args.retry is None:
         parser.error("--no-wait goes with TEXT or --retry")
     if args.limit is not None and args.list is None:

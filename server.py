@@ -38,7 +38,6 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +53,9 @@ from store import (
     DEFAULT_PRIORITY,
     DEFAULT_QUEUE,
     DUE,
-    GROUP_NAME,
     HISTORY,
     LIST,
-    MAX_BULK,
     PREFIX,
-    PRIORITIES,
     QUEUE,
     QUEUE_NAME,
     REDIS_ERRORS,
@@ -81,14 +77,18 @@ from store import (
     AsyncClient,
     Keys,
     Nodes,
+    Submission,
     connect_async,
+    expires_of,
     from_env,
+    group_of,
     new_jobs,
     next_tick,
     non_empty,
     now,
     number,
     plan_ticks,
+    priority_of,
     queues_to_tick,
     redis_said,
     redis_url,
@@ -111,12 +111,9 @@ HISTORY_PAGE = 500  # messages of a job's history read at once
 RESUBSCRIBE_MAX = 1.0  # seconds between tries to subscribe again, at most (a failover: ~2-3 s)
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 CURSOR = re.compile(r"([0-9]{1,17})-([0-9a-f]{32})")  # a next_cursor of GET /jobs
-RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:([0-9]{2})(\.[0-9]+)?"
-                     r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")  # fromisoformat takes more
 TOTALS = ("submitted", "done", "failed", "retried", "cancelled",
           "output_bytes")  # {prefix}:counters
 PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
-MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most (or expire in, at most)
 IDEMPOTENCY_TTL = 86_400  # seconds an Idempotency-Key is remembered
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")  # printable ASCII
 FEED_EVERY = 0.25  # seconds between the batches of /feed
@@ -607,63 +604,6 @@ def job_id_of(request: web.Request) -> str:
     return job_id
 
 
-def texts_of(data: dict[str, object]) -> list[str]:
-    """The inputs of a submit: {"input": "..."} or {"inputs": ["...", ...]}."""
-    if "inputs" in data:
-        texts = data["inputs"]
-        if "input" in data:
-            raise error(web.HTTPBadRequest, 'give "input" or "inputs", not both')
-        if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_BULK:
-            raise error(web.HTTPBadRequest,
-                        f'"inputs" must be a list of 1 to {MAX_BULK} strings')
-    else:
-        texts = [data.get("input")]
-    for text in texts:
-        if not isinstance(text, str):
-            name = '"input"' if "inputs" not in data else 'every one of "inputs"'
-            raise error(web.HTTPBadRequest, f"{name} is missing or not a string")
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            raise error(web.HTTPBadRequest, "an input is not valid Unicode (lone surrogate)"
-                        ) from None
-    return texts  # type: ignore[return-value]  # checked above
-
-
-def priority_of(data: dict[str, object]) -> int:
-    """A submit's "priority": a whole number from 1 to 9 (higher starts first), 5 if none."""
-    priority = data.get("priority")
-    if priority is None:
-        return DEFAULT_PRIORITY
-    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in PRIORITIES:
-        raise error(web.HTTPBadRequest, f'"priority" must be a whole number from '
-                                        f'{PRIORITIES[0]} to {PRIORITIES[-1]} (higher starts '
-                                        f'first; default {DEFAULT_PRIORITY})')
-    return priority
-
-
-def group_of(data: dict[str, object]) -> str | None:
-    """A submit's "group": 1 to 128 characters A-Z, a-z, 0-9, _ . : and -; None if none."""
-    group = data.get("group")
-    if group is not None and not (isinstance(group, str) and GROUP_NAME.fullmatch(group)):
-        raise error(web.HTTPBadRequest, '"group" must be 1 to 128 characters A-Z, a-z, 0-9, '
-                                        '_ . : and -')
-    return group
-
-
-def expires_of(data: dict[str, object]) -> float | None:
-    """A submit's "expires_in": seconds (above 0) by which its jobs must have started (counted
-    from when they are due), or they end cancelled; None if not given."""
-    expires_in = data.get("expires_in")
-    if expires_in is None:
-        return None
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) \
-            or not 0 < expires_in <= MAX_DELAY:
-        raise error(web.HTTPBadRequest,
-                    f'"expires_in" must be a number of seconds above 0, at most {MAX_DELAY}')
-    return float(expires_in)
-
-
 def idempotency_of(request: web.Request, body: bytes) -> tuple[str, str, int]:
     """SUBMIT's idempotency arguments: digests of the Idempotency-Key and of the body, and how
     long to keep the key; none without the header."""
@@ -693,35 +633,6 @@ async def replayed(request: web.Request, keys: Keys, reply: list[Any],
     return web.json_response({"jobs": jobs} if bulk else jobs[0], headers=headers)
 
 
-def due_of(data: dict[str, object]) -> float | None:
-    """When a submit wants its jobs to run (unix time), if later: "delay" seconds from now,
-    or "run_at" an RFC 3339 time with an offset."""
-    delay, run_at = data.get("delay"), data.get("run_at")
-    if delay is not None and run_at is not None:
-        raise error(web.HTTPBadRequest, 'give "delay" or "run_at", not both')
-    if delay is not None:
-        if isinstance(delay, bool) or not isinstance(delay, int | float) \
-                or not 0 <= delay <= MAX_DELAY:
-            raise error(web.HTTPBadRequest,
-                        f'"delay" must be a number of seconds from 0 to {MAX_DELAY}')
-        return time.time() + delay
-    if run_at is not None:
-        due = None
-        if isinstance(run_at, str) and (match := RFC3339.fullmatch(run_at)):
-            leap = match[1] == "60"  # RFC 3339 has leap seconds (datetime has not): :59 + 1 s
-            with contextlib.suppress(ValueError):
-                due = datetime.fromisoformat(
-                    (run_at[:17] + "59" + run_at[19:] if leap else run_at).upper()
-                ).timestamp() + leap
-        if due is None:
-            raise error(web.HTTPBadRequest, '"run_at" must be an RFC 3339 time with an offset, '
-                                            'like 2026-12-01T09:30:00+01:00')
-        if due > time.time() + MAX_DELAY:
-            raise error(web.HTTPBadRequest, f'"run_at" must be within {MAX_DELAY} s from now')
-        return max(due, 0.0)  # past: due now (before 1970: stored as 1970)
-    return None
-
-
 async def object_of(request: web.Request, example: str) -> dict[str, Any]:
     """A request's body: a JSON object (else 400, saying what to send: `example`)."""
     size, limit = request.content_length or 0, request.client_max_size
@@ -740,8 +651,12 @@ async def object_of(request: web.Request, example: str) -> dict[str, Any]:
 async def submit(request: web.Request) -> web.Response:
     data = await object_of(request, '{"input": "..."}')
     idempotency = idempotency_of(request, await request.read())
-    texts, due, keys = texts_of(data), due_of(data), queue_of(request, data.get("queue"))
-    jobs = new_jobs(texts, due, keys.name, priority_of(data), group_of(data), expires_of(data))
+    try:
+        asked = Submission.of(data)
+    except ValueError as exc:
+        raise error(web.HTTPBadRequest, str(exc)) from None
+    keys, due = queue_of(request, data.get("queue")), asked.due
+    jobs = new_jobs(asked.texts, due, keys.name, asked.priority, asked.group, asked.expires_in)
     args = submit_args(keys.prefix, request.app[RETENTION_S], jobs, due, idempotency)
     await request.app[HUB].register(keys)
     if not (wanted := request.app[MIN_REPLICAS]):

@@ -619,8 +619,11 @@ if moved + #due > 0 then wake(moved + #due) end
 if scan then
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', ARGV[4], 'LIMIT', 0,
                                  1000)) do  -- queued past their time: none takes them now
-    redis.call('ZREM', P .. ':expiry', id)
-    if redis.call('HGET', job_key(id), 'status') == 'queued' then
+    local status = redis.call('HGET', job_key(id), 'status')
+    if status ~= 'delayed' then  -- (one due but not yet moved to the queue: the next round)
+      redis.call('ZREM', P .. ':expiry', id)
+    end
+    if status == 'queued' then
       unqueue(id)
       expire(id)
     end
@@ -997,6 +1000,113 @@ def settings_fields(changes: dict[str, Any]) -> list[str | int | float]:
 
 
 # -- jobs as SUBMIT stores them ----------------------------------------------------------------
+
+# What a submit may ask for, checked the same for POST /submit and client.enqueue: ValueError
+# says what is wrong, in words a user can act on.
+MAX_DELAY = 366 * 86_400  # seconds a job may be delayed at most (or expire in, at most)
+RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:([0-9]{2})(\.[0-9]+)?"
+                     r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")  # fromisoformat takes more
+
+
+def texts_of(data: dict[str, object]) -> list[str]:
+    """The inputs of a submit: {"input": "..."} or {"inputs": ["...", ...]}."""
+    if "inputs" in data:
+        texts = data["inputs"]
+        if "input" in data:
+            raise ValueError('give "input" or "inputs", not both')
+        if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_BULK:
+            raise ValueError(f'"inputs" must be a list of 1 to {MAX_BULK} strings')
+    else:
+        texts = [data.get("input")]
+    for text in texts:
+        if not isinstance(text, str):
+            name = '"input"' if "inputs" not in data else 'every one of "inputs"'
+            raise ValueError(f"{name} is missing or not a string")
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ValueError("an input is not valid Unicode (lone surrogate)") from None
+    return texts  # type: ignore[return-value]  # checked above
+
+
+def priority_of(data: dict[str, object]) -> int:
+    """A submit's "priority": a whole number from 1 to 9 (higher starts first), 5 if none."""
+    priority = data.get("priority")
+    if priority is None:
+        return DEFAULT_PRIORITY
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in PRIORITIES:
+        raise ValueError(f'"priority" must be a whole number from '
+                                        f'{PRIORITIES[0]} to {PRIORITIES[-1]} (higher starts '
+                                        f'first; default {DEFAULT_PRIORITY})')
+    return priority
+
+
+def group_of(data: dict[str, object]) -> str | None:
+    """A submit's "group": 1 to 128 characters A-Z, a-z, 0-9, _ . : and -; None if none."""
+    group = data.get("group")
+    if group is not None and not (isinstance(group, str) and GROUP_NAME.fullmatch(group)):
+        raise ValueError('"group" must be 1 to 128 characters A-Z, a-z, 0-9, '
+                                        '_ . : and -')
+    return group
+
+
+def expires_of(data: dict[str, object]) -> float | None:
+    """A submit's "expires_in": seconds (above 0) by which its jobs must have started (counted
+    from when they are due), or they end cancelled; None if not given."""
+    expires_in = data.get("expires_in")
+    if expires_in is None:
+        return None
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) \
+            or not 0 < expires_in <= MAX_DELAY:
+        raise ValueError(
+                    f'"expires_in" must be a number of seconds above 0, at most {MAX_DELAY}')
+    return float(expires_in)
+
+
+def due_of(data: dict[str, object]) -> float | None:
+    """When a submit wants its jobs to run (unix time), if later: "delay" seconds from now,
+    or "run_at" an RFC 3339 time with an offset."""
+    delay, run_at = data.get("delay"), data.get("run_at")
+    if delay is not None and run_at is not None:
+        raise ValueError('give "delay" or "run_at", not both')
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, int | float) \
+                or not 0 <= delay <= MAX_DELAY:
+            raise ValueError(
+                        f'"delay" must be a number of seconds from 0 to {MAX_DELAY}')
+        return time.time() + delay
+    if run_at is not None:
+        due = None
+        if isinstance(run_at, str) and (match := RFC3339.fullmatch(run_at)):
+            leap = match[1] == "60"  # RFC 3339 has leap seconds (datetime has not): :59 + 1 s
+            with contextlib.suppress(ValueError):
+                due = datetime.fromisoformat(
+                    (run_at[:17] + "59" + run_at[19:] if leap else run_at).upper()
+                ).timestamp() + leap
+        if due is None:
+            raise ValueError('"run_at" must be an RFC 3339 time with an offset, like '
+                             '2026-12-01T09:30:00+01:00')
+        if due > time.time() + MAX_DELAY:
+            raise ValueError(f'"run_at" must be within {MAX_DELAY} s from now')
+        return max(due, 0.0)  # past: due now (before 1970: stored as 1970)
+    return None
+
+
+class Submission(NamedTuple):
+    """What a submit asks for (a POST /submit body, or client.enqueue's arguments), checked."""
+
+    texts: list[str]
+    due: float | None
+    priority: int
+    group: str | None
+    expires_in: float | None
+
+    @classmethod
+    def of(cls, data: dict[str, object]) -> Submission:
+        """ValueError says what is wrong."""
+        return cls(texts_of(data), due_of(data), priority_of(data), group_of(data),
+                   expires_of(data))
+
 
 def new_jobs(texts: list[str], due: float | None = None, queue: str = DEFAULT_QUEUE,
              priority: int = DEFAULT_PRIORITY, group: str | None = None,

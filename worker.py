@@ -404,6 +404,7 @@ class Worker:
         self.cold = False  # the second: give the jobs back and exit now
         self._stop_deadline = float("inf")  # monotonic time when the grace runs out
         self._wake = threading.Event()  # wakes the keeper thread early
+        self._hard_stop = float("inf")  # monotonic time the backstop ends the process at
 
     def connected(self, redis_url: str) -> Client:
         """The client, once it is made: a cluster's learns the slots as it is made, so it is
@@ -432,12 +433,18 @@ class Worker:
                      signal.Signals(signum).name)
             self._stop_deadline = time.monotonic() + self.grace
             self.stopping = True
-        # Should the keeper be stuck on an unresponsive Redis, the process ends all the same:
-        # its jobs go back to the queue when its lease expires.
-        backstop = threading.Timer(HARD_STOP + (0 if self.cold else self.grace), os._exit, (1,))
-        backstop.daemon = True
-        backstop.start()
+        # Should the keeper be stuck on an unresponsive Redis, the process ends all the same
+        # (its jobs go back to the queue when its lease expires): see backstop. No thread is
+        # started here: the main thread may be starting one, holding threading's own lock.
+        self._hard_stop = time.monotonic() + HARD_STOP + (0 if self.cold else self.grace)
         self._wake.set()  # safe here: no other code of the main thread takes this Event's lock
+
+    def backstop(self) -> None:
+        """Thread: once a signal has come, end the process at its hard deadline, whatever the
+        keeper and the slots are doing."""
+        while (left := self._hard_stop - time.monotonic()) > 0:
+            time.sleep(min(left, TICK))
+        os._exit(1)
 
     def keeper(self) -> None:
         """Thread: renew the lease every --lease/3 s, stop tries past their deadline or
@@ -929,6 +936,7 @@ class Worker:
     def run(self) -> int:
         """Work until the first signal, then return 0 once the slots are idle (a cold stop
         exits from the keeper)."""
+        threading.Thread(target=self.backstop, name="backstop", daemon=True).start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self.first_heartbeat()

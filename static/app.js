@@ -1,7 +1,8 @@
 // The dashboard's script: signs in if the server asks for a token, polls GET /stats (counts,
-// chart, workers) and GET /queues (each queue's state and limits), follows every job change on
-// one EventSource (/feed), and sends the buttons' POSTs and the limits' PUTs. Job data only
-// ever goes into the page through textContent, never as HTML.
+// chart, workers), GET /queues (each queue's state and limits) and GET /schedules, follows
+// every job change on one EventSource (/feed), and sends the buttons' POSTs, the limits' and
+// schedules' PUTs and a schedule's DELETE. Job data only ever goes into the page through
+// textContent, never as HTML.
 "use strict";
 
 const STATES = ["queued", "delayed", "running", "done", "failed", "cancelled"];
@@ -175,8 +176,10 @@ async function pollStats() {
   if (!state.running) return;
   state.statsBusy = true;
   try {
-    const [stats, { queues }] = await Promise.all([api("GET", "/stats"), api("GET", "/queues")]);
+    const [stats, { queues }, { schedules }] = await Promise.all(
+      [api("GET", "/stats"), api("GET", "/queues"), api("GET", "/schedules")]);
     showStats(stats, queues);
+    showSchedules(schedules);
     if (state.statsFailed) notify("");
     state.statsFailed = false;
   } catch (error) {
@@ -316,6 +319,124 @@ async function saveLimits(event) {
     $("#limits-form").hidden = true;
   } catch (error) {
     report(error);
+  }
+  pollStats();
+}
+
+// ---- GET /schedules: each schedule's ticks and runs; pause, resume, delete, and a form to add
+// one (PUT /schedules/NAME) ----
+
+function period(seconds) {
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["min", 60]]) {
+    if (seconds >= size && seconds % size === 0) return `every ${seconds / size} ${unit}`;
+  }
+  return `every ${seconds} s`;
+}
+
+// When the next run is: within the hour, its time and how soon; else its date and time, in
+// the schedule's own zone (as the server gives it, which the title shows whole).
+function nextRun(time) {
+  const seconds = Math.round((Date.parse(time) - Date.now()) / 1000);
+  if (Number.isNaN(seconds)) return time;
+  if (seconds >= 3600) return time.slice(0, 16).replace("T", " ");
+  const clockTime = time.slice(11, time.slice(17, 19) === "00" ? 16 : 19);
+  const soon = seconds < 1 ? "due" : seconds < 60 ? `in ${seconds} s`
+    : `in ${Math.round(seconds / 60)} min`;
+  return `${clockTime} (${soon})`;
+}
+
+function showSchedules(schedules) {
+  const rows = schedules.map((s) => {
+    const tr = document.createElement("tr");
+    tr.dataset.schedule = s.name;
+    const when = s.cron != null ? cell(s.cron, "when cron") : cell(period(s.every), "when");
+    if (s.cron != null) {
+      const zone = document.createElement("span");
+      zone.className = "zone";
+      zone.textContent = ` ${s.timezone}`;
+      when.append(zone);
+    }
+    when.title = s.cron != null ? `cron ${s.cron}, in ${s.timezone}` : `every ${s.every} s`;
+    if (s.overlap === "skip") when.title += "; no job while the last one runs";
+    const input = cell(clip(s.input), "text");
+    input.title = s.input;
+    const next = cell(s.paused ? "–" : nextRun(s.next_run), "time next");
+    next.title = s.next_run;
+    const state = cell(s.paused ? "paused" : "active",
+                       `state state-${s.paused ? "paused" : "active"}`);
+    const last = cell("", "id last");
+    if (s.last_job) { // the job as the server shows it (GET /status)
+      const link = document.createElement("a");
+      link.href = `/status?id=${encodeURIComponent(s.last_job)}` +
+        (s.queue === "default" ? "" : `&queue=${encodeURIComponent(s.queue)}`);
+      link.target = "_blank";
+      link.rel = "noopener";
+      link.textContent = s.last_job.slice(0, 8);
+      link.title = s.last_job;
+      last.append(link);
+    } else {
+      last.textContent = "–";
+    }
+    const actions = cell("", "actions");
+    actions.append(
+      s.paused ? button("resume", "Resume", () => scheduleAction(s.name, "resume"))
+               : button("pause", "Pause", () => scheduleAction(s.name, "pause")),
+      button("delete", "Delete", () => scheduleAction(s.name, "delete")));
+    tr.append(cell(s.name, "name"), when, cell(s.queue, "queue"), input, next, state,
+              cell(number(s.runs), "num runs"), last, actions);
+    return tr;
+  });
+  $("#schedules tbody").replaceChildren(...rows);
+  $("#schedules-empty").hidden = schedules.length > 0;
+}
+
+async function scheduleAction(name, action) {
+  const path = `/schedules/${encodeURIComponent(name)}`;
+  try {
+    if (action === "delete") {
+      await api("DELETE", path);
+      notify(`schedule ${name} deleted (the jobs it made stay)`);
+    } else {
+      const schedule = await api("POST", `${path}/${action}`);
+      notify(`schedule ${name} ${schedule.paused ? "paused: its ticks make no job" : "resumed"}`);
+    }
+  } catch (error) {
+    report(error);
+  }
+  pollStats();
+}
+
+function chooseScheduleKind() {
+  const cron = $("#schedule-kind").value === "cron";
+  $("#schedule-when").placeholder = cron ? "*/5 * * * *" : "seconds, like 60";
+  $("#schedule-timezone").hidden = !cron;
+}
+
+// PUT /schedules/NAME: created (or replaced, for a name in use); the server says what is wrong.
+async function addSchedule(event) {
+  event.preventDefault();
+  const name = $("#schedule-name");
+  const when = $("#schedule-when").value.trim();
+  const zone = $("#schedule-timezone").value.trim();
+  const queue = $("#schedule-queue").value.trim();
+  const body = { input: $("#schedule-input").value };
+  if ($("#schedule-kind").value === "cron") {
+    body.cron = when;
+    if (zone) body.timezone = zone;
+  } else {
+    body.every = Number(when);
+  }
+  if (queue) body.queue = queue;
+  const message = $("#schedule-message");
+  message.classList.remove("error");
+  try {
+    const schedule = await api("PUT", `/schedules/${encodeURIComponent(name.value)}`, body);
+    message.textContent = `schedule ${schedule.name}: next run ${nextRun(schedule.next_run)}`;
+    for (const id of ["#schedule-name", "#schedule-when", "#schedule-input"]) $(id).value = "";
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+    message.textContent = error.message;
+    message.classList.add("error");
   }
   pollStats();
 }
@@ -815,6 +936,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#more").addEventListener("click", loadMore);
   $("#limits-form").addEventListener("submit", saveLimits);
   $("#limits-close").addEventListener("click", () => { $("#limits-form").hidden = true; });
+  $("#schedule-form").addEventListener("submit", addSchedule);
+  $("#schedule-kind").addEventListener("change", chooseScheduleKind);
   $("#output-close").addEventListener("click", closeOutput);
   start();
 });

@@ -63,12 +63,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
 import os
 import re
 import resource
+import select
 import shutil
 import socket
 import statistics
@@ -85,45 +87,23 @@ import psutil
 import redis
 
 if TYPE_CHECKING:
-    import aiohttp  # imported where used: worker processes import this module for wait_20ms
-    # and await_20ms, and aiohttp would add some 11 MiB to the RSS the I/O table reports
+    import aiohttp  # imported where used, as before (the I/O jobs are now in bench_peers)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from store import Keys, connect  # noqa: E402
+from tests.bench_peers import ADAPTERS, PEERS, in_batches  # noqa: E402
 
 KEYS = Keys()
-PEERS = ("arq", "rq", "saq")
+VENVS = ROOT / ".bench" / "venvs"  # each peer's own venv (gitignored), made once
+PEERS_FILE = ROOT / "tests" / "bench_peers.py"
+STEP = 0.01  # seconds between two reads of a system's progress during a timed interval
+SLOWEST = 20  # jobs/s: a system slower than this is taken as stuck (the bench stops)
 TABLES = ("cpu", "io", "cluster")
 CLUSTER_QUEUES = ("a", "b", "c", "d")
 CLUSTER_CONCURRENCY = 12  # jobs at once per worker process in the cluster table: 3 per queue
 # What the server and workers log when all is well (a line per job done, at INFO)
 ROUTINE = re.compile(r"job \w+: done$|listening on|subscribed to|waiting for jobs on")
-
-
-def upper(text: str) -> str:
-    return text.upper()
-
-
-async def upper_async(ctx: Any, text: str) -> str:  # arq and SAQ call (ctx, *args)
-    return text.upper()
-
-
-def wait_20ms(text: str) -> str:
-    """The I/O-bound job, plain: ours runs it with --handler bench:wait_20ms, RQ too."""
-    time.sleep(0.02)
-    return text.upper()
-
-
-async def await_20ms(text: str) -> str:
-    """The I/O-bound job, async: ours runs it with --handler bench:await_20ms."""
-    await asyncio.sleep(0.02)
-    return text.upper()
-
-
-async def await_20ms_ctx(ctx: Any, text: str) -> str:
-    """await_20ms as arq and SAQ call it."""
-    return await await_20ms(text)
 
 
 def free_port() -> int:
@@ -142,76 +122,166 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 600.0, step: float =
     return time.perf_counter()
 
 
-# -- peer workers: `bench.py --peer-worker NAME --port P` runs one in this process ---------------
-
-def run_peer_worker(name: str, port: int, concurrency: int | None) -> None:
-    """Concurrency: arq's max_jobs, SAQ's concurrency (None: their default); RQ has none."""
-    if name == "rq":
-        from rq import Queue as RQQueue
-        from rq import SimpleWorker
-        conn = redis.Redis(port=port)
-        SimpleWorker([RQQueue(connection=conn)], connection=conn).work(logging_level="WARNING")
-    elif name == "arq":
-        from arq.connections import RedisSettings
-        from arq.worker import func, run_worker
-
-        run_worker({"functions": [func(upper_async, name="upper"),
-                                  func(await_20ms_ctx, name="wait_20ms")],
-                    "redis_settings": RedisSettings(port=port),
-                    **({"max_jobs": concurrency} if concurrency else {})})
-    elif name == "saq":
-        from saq import Queue as SAQQueue
-        from saq import Worker
-
-        async def main() -> None:
-            options: dict[str, Any] = {"concurrency": concurrency} if concurrency else {}
-            worker = Worker(SAQQueue.from_url(f"redis://127.0.0.1:{port}"),
-                            functions=[("upper", upper_async), ("wait_20ms", await_20ms_ctx)],
-                            **options)
-            await worker.start()
-        asyncio.run(main())
+def venv_python(name: str) -> str:
+    """The python of the peer's own venv under .bench/venvs, made the first time (and again
+    when its requirements change): python3 -m venv, then pip install of the pinned peer,
+    psutil and redis."""
+    folder = VENVS / name
+    wanted = "\n".join([*ADAPTERS[name].requirements, "psutil", "redis"])
+    stamp = folder / "bench-requirements.txt"
+    if not stamp.exists() or stamp.read_text() != wanted:
+        print(f"bench: making {folder} ({', '.join(wanted.split())}) ...", file=sys.stderr,
+              flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=300)
+            subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q",
+                            *wanted.split()], check=True, timeout=900)
+        except (subprocess.SubprocessError, OSError) as exc:
+            raise SystemExit(f"bench: could not make the venv of {name}: {exc}") from None
+        stamp.write_text(wanted)
+    return str(folder / "bin" / "python")
 
 
 class Peer:
-    """Enqueue and count through a peer's own API."""
+    """A peer, driven through tests/bench_peers.py in its own venv: workers and a producer are
+    processes of that venv's python. function: the job; concurrency: the workers' setting for
+    jobs at once (None: the default)."""
 
-    def __init__(self, name: str, port: int, function: str = "upper",
+    def __init__(self, name: str, url: str, function: str = "upper",
                  concurrency: int | None = None) -> None:
-        self.name, self.port = name, port
-        self.function, self.concurrency = function, concurrency  # the job; None: the default
+        self.name, self.url, self.function, self.concurrency = name, url, function, concurrency
+        self.adapter = ADAPTERS[name](url, function)
+        self.python = venv_python(name)
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
 
-    async def enqueue(self, texts: list[str]) -> None:
-        if self.name == "rq":
-            from rq import Queue as RQQueue
-            queue = RQQueue(connection=redis.Redis(port=self.port))
-            for text in texts:  # RQ's API is synchronous
-                queue.enqueue(f"bench.{self.function}", text)
-        elif self.name == "arq":
-            from arq import create_pool
-            from arq.connections import RedisSettings
-            pool = await create_pool(RedisSettings(port=self.port))
-            await in_batches(texts, lambda text: pool.enqueue_job(self.function, text))
-            await pool.aclose()
-        else:
-            from saq import Queue as SAQQueue
-            saq_queue = SAQQueue.from_url(f"redis://127.0.0.1:{self.port}")
-            await in_batches(texts, lambda text: saq_queue.enqueue(self.function, text=text))
-            await saq_queue.disconnect()
-
-    def remaining(self, r: redis.Redis) -> int:
-        """Jobs not yet finished, read from the peer's own keys."""
-        if self.name == "rq":
-            return int(r.llen("rq:queue:default")) + int(r.zcard("rq:wip:default"))
-        if self.name == "arq":
-            return int(r.zcard("arq:queue"))
-        return int(r.zcard("saq:default:incomplete"))
+    def remaining(self, r: redis.Redis, enqueued: int) -> int:
+        return self.adapter.remaining(r, enqueued)
 
     def start_workers(self, count: int) -> list[subprocess.Popen[bytes]]:
-        concurrency = ["--peer-concurrency", str(self.concurrency)] if self.concurrency else []
-        return [subprocess.Popen([sys.executable, __file__, "--peer-worker", self.name,
-                                  "--port", str(self.port), *concurrency],
-                                 stderr=subprocess.DEVNULL)
+        concurrency = ["--concurrency", str(self.concurrency)] if self.concurrency else []
+        return [subprocess.Popen([self.python, str(PEERS_FILE), "work", self.name, "--url",
+                                  self.url, *concurrency], env=self.env, cwd=ROOT / "tests",
+                                 stdout=subprocess.DEVNULL, stderr=log_file(self.name))
                 for _ in range(count)]
+
+    def producer(self) -> Producer:
+        return Producer(self.python, [self.name, "--url", self.url, "--function", self.function],
+                        self.env)
+
+
+def log_file(name: str) -> IO[bytes]:
+    """Where a system's processes write their stderr: bench-logs-*/NAME.log (appended)."""
+    global LOGS
+    LOGS = LOGS or Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    return (LOGS / f"{name}.log").open("ab")
+
+
+LOGS: Path | None = None
+
+
+class Producer:
+    """A process enqueueing through a system's own API, and reading every result back:
+    tests/bench_peers.py produce (its docstring has the protocol)."""
+
+    def __init__(self, python: str, args: list[str], env: dict[str, str]) -> None:
+        self.name = args[0]
+        self.proc = subprocess.Popen([python, str(PEERS_FILE), "produce", *args], env=env,
+                                     cwd=ROOT / "tests", stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log_file(self.name))
+        self.ask("", 120)
+
+    def ask(self, command: str, timeout: float) -> str:
+        """Send a command (none: wait for "ready") and return the answer, within timeout s."""
+        assert self.proc.stdin and self.proc.stdout
+        if command:
+            self.proc.stdin.write(f"{command}\n".encode())
+            self.proc.stdin.flush()
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise SystemExit(f"bench: the {self.name} producer did not answer "
+                             f"{command or 'at start'!r} in {timeout:.0f} s; see {LOGS}")
+        answer = self.proc.stdout.readline().decode().strip()
+        if not answer:
+            raise SystemExit(f"bench: the {self.name} producer exited; see {LOGS}")
+        return answer
+
+
+class Run:
+    """A system at work on a flushed Redis: its producer, its workers, how many jobs were
+    enqueued; each process stopped in close()."""
+
+    def __init__(self, system: Ours | Peer, r: redis.Redis) -> None:
+        r.flushall()
+        self.system, self.r, self.enqueued = system, r, 0
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.producer = system.producer()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop([self.producer.proc, *self.workers])
+
+    def start_workers(self, count: int) -> None:
+        self.workers += self.system.start_workers(count)
+
+    def enqueue(self, n: int) -> float:
+        """Enqueue n jobs (0: one warm-up job); the seconds until the producer had them all
+        accepted."""
+        began = time.perf_counter()
+        answer = self.producer.ask(f"enqueue {n or 'warm'}", 600)
+        took = time.perf_counter() - began
+        assert answer == "enqueued", answer
+        self.enqueued += n or 1
+        return took
+
+    def left(self) -> int:
+        """Jobs not yet finished; stops the bench if a worker exited."""
+        if any(proc.poll() is not None for proc in self.workers):
+            raise SystemExit(f"bench: a {self.system.name} worker exited; see {LOGS}")
+        return self.system.remaining(self.r, self.enqueued)
+
+    def until(self, left: int) -> float:
+        """Wait until at most `left` jobs are left; the time.perf_counter() then."""
+        deadline = time.perf_counter() + 60 + self.enqueued / SLOWEST
+        while (now := self.left()) > left:
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"bench: {self.system.name} still had {now} of "
+                                 f"{self.enqueued} jobs to finish; see {LOGS}")
+            time.sleep(STEP)
+        return time.perf_counter()
+
+    def check(self) -> str:
+        """Read back every result since the last check: "" if each was right, else what was
+        wrong."""
+        answer = self.producer.ask("check", 600)
+        return "" if answer.startswith("checked ") else f"{self.system.name}: {answer}"
+
+    def groups(self, redis_pid: int, server_pid: int | None) -> dict[str, list[psutil.Process]]:
+        """The processes of each kind, children included."""
+        return {"producer": tree([self.producer.proc]), "workers": tree(self.workers),
+                "server": [psutil.Process(server_pid)] if server_pid else [],
+                "redis": [psutil.Process(redis_pid)]}
+
+
+def tree(procs: list[subprocess.Popen[bytes]]) -> list[psutil.Process]:
+    """The processes and all their children."""
+    out = []
+    for proc in procs:
+        parent = psutil.Process(proc.pid)
+        out += [parent, *parent.children(recursive=True)]
+    return out
+
+
+def cpu_per_job(groups: dict[str, list[psutil.Process]], since: dict[str, float],
+                n: int) -> dict[str, float]:
+    """CPU µs per job of each group since `since` (cpu_of(groups) at the start)."""
+    now = cpu_of(groups)
+    return {name: (now[name] - since[name]) / n * 1e6 for name in groups}
+
+
+def cpu_of(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    return {name: sum(map(cpu_seconds, group)) for name, group in groups.items()}
 
 
 class Ours:
@@ -232,7 +302,7 @@ class Ours:
                       *(["--concurrency", str(concurrency)] if concurrency else []),
                       *(["--queues", ",".join(queues)] if queues else [])]
         self.stderr: int | IO[bytes] = subprocess.DEVNULL
-        if handler:  # worker.py imports this module as `bench`
+        if handler:  # worker.py imports tests/bench_peers.py as `bench_peers`
             self.env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
 
@@ -250,12 +320,16 @@ class Ours:
                     assert resp.status == 201, f"{resp.status} {await resp.text()}"
             await in_batches(texts, submit)
 
-    def remaining(self, r: redis.Redis) -> int:
+    def remaining(self, r: redis.Redis, enqueued: int = 0) -> int:
         with r.pipeline(transaction=False) as pipe:
             pipe.llen(KEYS.queue)
             for name in r.smembers(KEYS.workers):
                 pipe.llen(KEYS.processing(str(name)))
             return sum(pipe.execute())
+
+    def producer(self) -> Producer:
+        """Submits over HTTP, 64 at a time, from a process of its own like a peer's."""
+        return Producer(sys.executable, ["ours", "--url", self.base], self.env)
 
     def start_workers(self, count: int) -> list[subprocess.Popen[bytes]]:
         return [subprocess.Popen([sys.executable, str(ROOT / "worker.py"), *self.flags],
@@ -270,32 +344,20 @@ class Ours:
         return proc
 
 
-async def in_batches(items: list[str], call: Callable[[str], Any], width: int = 64) -> None:
-    """Run call(item) for every item, `width` at a time."""
-    iterator = iter(items)
-
-    async def lane() -> None:
-        for item in iterator:
-            await call(item)
-    await asyncio.gather(*(lane() for _ in range(width)))
-
-
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Kill each process and its children (some peers' workers start processes of their own,
+    in sessions of their own), by pid."""
     for proc in procs:
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
         proc.kill()
+        for child in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         proc.wait()
-
-
-def counter(system: Ours | Peer, r: redis.Redis,
-            procs: list[subprocess.Popen[bytes]]) -> Callable[[], int]:
-    """A function returning the jobs the system has yet to finish, stopping the bench if one of
-    its worker processes exited."""
-    def left() -> int:
-        if any(proc.poll() is not None for proc in procs):
-            raise SystemExit(f"bench: a {system.name} worker exited; see it run alone with "
-                             "--peer-worker NAME --port PORT, or run worker.py")
-        return int(system.remaining(r))
-    return left
+        psutil.wait_procs(family, timeout=10)
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -305,9 +367,9 @@ def cpu_seconds(proc: psutil.Process) -> float:
 
 def settle(procs: list[subprocess.Popen[bytes]], window: float = 0.25, most: float = 0.2,
            timeout: float = 60.0) -> None:
-    """Wait until each process uses under `most` of a core over `window` seconds: started
-    up and idle."""
-    watched = [psutil.Process(proc.pid) for proc in procs]
+    """Wait until each process (and each of its children) uses under `most` of a core over
+    `window` seconds: started up and idle."""
+    watched = tree(procs)
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         before = [cpu_seconds(proc) for proc in watched]
@@ -318,79 +380,81 @@ def settle(procs: list[subprocess.Popen[bytes]], window: float = 0.25, most: flo
     raise SystemExit("bench: the workers never went idle")
 
 
-def measure(system: Ours | Peer, r: redis.Redis, n: int) -> dict[str, float]:
-    """enqueue/s, drain and end-to-end jobs/s with 1 and 2 worker processes."""
-    texts = [f"job {i}" for i in range(n)]
-    out: dict[str, float] = {}
-    r.flushall()
+def end_to_end(run: Run, n: int, redis_pid: int, server_pid: int | None) -> dict[str, Any]:
+    """The shared timing: with the run's workers started, a warm-up job done and read back, the
+    processes idle, N jobs enqueued, from the first enqueue to the last job done; jobs/s, CPU
+    µs per job of each kind of process (psutil, user + system, children included), the
+    workers' RSS at the end (the largest worker with its children). Then every result is read
+    back (not timed): what was wrong, if anything, in out["wrong"]."""
+    run.enqueue(0)
+    run.until(0)
+    wrong = run.check()
+    settle(run.workers)
+    groups = run.groups(redis_pid, server_pid)
+    since, busy = cpu_of(groups), busy_seconds()
     began = time.perf_counter()
-    asyncio.run(system.enqueue(texts))
-    out["enqueue"] = n / (time.perf_counter() - began)
+    run.enqueue(n)
+    last = run.until(0)
+    cpu = cpu_per_job(groups, since, n)
+    others = (busy_seconds() - busy - sum(cpu.values()) * n / 1e6) / (last - began)
+    out = {"rate": n / (last - began), **cpu, "others": others,
+           "rss": max(sum(p.memory_info().rss for p in tree([w])) for w in run.workers)}
+    problem = wrong or run.check()
+    return {**out, **({"wrong": problem} if problem else {})}
+
+
+def measure(system: Ours | Peer, r: redis.Redis, n: int, redis_pid: int,
+            server_pid: int | None) -> dict[str, Any]:
+    """The CPU-trivial table's row: enqueue/s (no worker running), drain and end-to-end jobs/s
+    with 1 and 2 worker processes; the CPU per job of the end to end with 2."""
+    out: dict[str, Any] = {}
+    wrong: list[str] = []
     for workers in (1, 2):
-        if workers == 2:  # the first pass queued them already
-            r.flushall()
-            asyncio.run(system.enqueue(texts))
-        procs = system.start_workers(workers)
-
-        def left(procs: list[subprocess.Popen[bytes]] = procs) -> int:
-            if any(proc.poll() is not None for proc in procs):
-                raise SystemExit(f"bench: a {system.name} worker exited; see it run alone with "
-                                 "--peer-worker NAME --port PORT")
-            return int(system.remaining(r))
-
-        first = wait_for(lambda: left() < n)
-        last = wait_for(lambda: left() == 0)
-        out[f"drain{workers}"] = (n - 1) / (last - first)
-        r.flushall()
-        asyncio.run(system.enqueue(["warm up"]))
-        wait_for(lambda: left() == 0)
-        began = time.perf_counter()
-        asyncio.run(system.enqueue(texts))
-        last = wait_for(lambda: left() == 0)
-        out[f"e2e{workers}"] = n / (last - began)
-        stop(procs)
+        with Run(system, r) as run:
+            took = run.enqueue(n)
+            if workers == 1:
+                out["enqueue"] = n / took
+            run.start_workers(workers)
+            first, last = run.until(n - 1), run.until(0)
+            out[f"drain{workers}"] = (n - 1) / (last - first)
+            wrong.append(run.check())
+        with Run(system, r) as run:
+            run.start_workers(workers)
+            e2e = end_to_end(run, n, redis_pid, server_pid)
+            out[f"e2e{workers}"] = e2e.pop("rate")
+            wrong.append(str(e2e.pop("wrong", "")))
+            if workers == 2:
+                out["cpu"] = e2e
+    if any(wrong):
+        out["wrong"] = "; ".join(filter(None, wrong))
     return out
 
 
-def measure_io(system: Ours | Peer, r: redis.Redis, n: int, server_pid: int) -> dict[str, float]:
-    """The I/O-bound table's row: jobs/s with 2 idle workers, from the first enqueue to the last
-    job done; the workers' RSS at the end (the larger), CPU µs per job of both workers and of
-    our server (the server's is counted for ours only)."""
-    texts = [f"job {i}" for i in range(n)]
-    r.flushall()
-    procs = system.start_workers(2)
-    try:
-        left = counter(system, r, procs)
-        asyncio.run(system.enqueue(["warm up"]))
-        wait_for(lambda: left() == 0)
-        settle(procs)
-        workers, server = [psutil.Process(proc.pid) for proc in procs], psutil.Process(server_pid)
-        cpu_before = sum(map(cpu_seconds, workers)), cpu_seconds(server)
-        began = time.perf_counter()
-        asyncio.run(system.enqueue(texts))
-        last = wait_for(lambda: left() == 0)
-        cpu_after = sum(map(cpu_seconds, workers)), cpu_seconds(server)
-        rss = max(proc.memory_info().rss for proc in workers)
-    finally:
-        stop(procs)
-    return {"rate": n / (last - began), "rss": rss,
-            "cpu_worker": (cpu_after[0] - cpu_before[0]) / n * 1e6,
-            "cpu_server": (cpu_after[1] - cpu_before[1]) / n * 1e6}
+def measure_io(system: Ours | Peer, r: redis.Redis, n: int, redis_pid: int,
+               server_pid: int | None) -> dict[str, Any]:
+    """The I/O-bound table's row: end_to_end with 2 workers."""
+    with Run(system, r) as run:
+        run.start_workers(2)
+        return end_to_end(run, n, redis_pid, server_pid)
 
 
-def io_rows(ours: Ours, port: int) -> list[tuple[str, Ours | Peer, int]]:
-    """The I/O-bound table's rows: (label, system, jobs each worker runs at once)."""
+def io_rows(ours: Ours, url: str, names: list[str]) -> list[tuple[str, Ours | Peer, int]]:
+    """The I/O-bound table's rows: (label, system, jobs each worker runs at once); ours plain
+    and async at 10 and 100, each peer at its defaults and, where it has a setting for it, at
+    100 at once."""
     rows: list[tuple[str, Ours | Peer, int]] = []
-    for concurrency in (10, 100):
-        rows += [(f"ours {kind} N={concurrency}",
-                  ours.with_worker(f"bench:{handler}", concurrency), concurrency)
-                 for kind, handler in (("plain", "wait_20ms"), ("async", "await_20ms"))]
-    return [*rows,
-            ("arq default (max_jobs 10)", Peer("arq", port, "wait_20ms"), 10),
-            ("arq max_jobs=100", Peer("arq", port, "wait_20ms", 100), 100),
-            ("saq default (concurrency 10)", Peer("saq", port, "wait_20ms"), 10),
-            ("saq concurrency=100", Peer("saq", port, "wait_20ms", 100), 100),
-            ("rq SimpleWorker (1)", Peer("rq", port, "wait_20ms"), 1)]
+    if "ours" in names:
+        for concurrency in (10, 100):
+            rows += [(f"ours {kind} N={concurrency}",
+                      ours.with_worker(f"bench_peers:{handler}", concurrency), concurrency)
+                     for kind, handler in (("plain", "wait_20ms"), ("async", "await_20ms"))]
+    for name in (name for name in PEERS if name in names):
+        adapter = ADAPTERS[name]
+        rows.append((f"{name} default ({adapter.at_once})", Peer(name, url, "wait_20ms"),
+                     adapter.at_once))
+        if adapter.hundred:
+            rows.append((f"{name} {adapter.hundred}", Peer(name, url, "wait_20ms", 100), 100))
+    return rows
 
 
 def ceiling(r: redis.Redis, n: int) -> float:
@@ -574,29 +638,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=(*TABLES, "ours", *PEERS), action="append",
                         help="measure one table (cluster: ours on one Redis and on local "
                              "Redis Clusters, and a scaling model: see the docstring), or one "
-                             "system, only; may be repeated (--only io --only ours)")
-    parser.add_argument("--peer-worker", choices=PEERS, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--peer-concurrency", type=int, help=argparse.SUPPRESS)
+                             "system, only; may be repeated (--only io --only celery)")
     args = parser.parse_args(argv)
-    if args.peer_worker:
-        return run_peer_worker(args.peer_worker, args.port, args.peer_concurrency)
     only = set(args.only or ())
     tables = [t for t in TABLES if not only & set(TABLES) or t in only]
     names = [s for s in ("ours", *PEERS) if not only - set(TABLES) or s in only]
 
     clustered = cluster_rows(args.jobs) if "cluster" in tables and "ours" in names else []
     redis_proc, port = start_redis()
+    url = f"redis://127.0.0.1:{port}/0"
     r = redis.Redis(port=port, decode_responses=True)
     ours = Ours(port, free_port())
     server = ours.start_server()
-    rows, io = [], []
+    rows: list[tuple[str, dict[str, Any]]] = []
+    io: list[tuple[str, int, dict[str, Any]]] = []
     try:
         if "cpu" in tables:
-            candidates: list[Ours | Peer] = [ours, *(Peer(p, port) for p in PEERS)]
-            for system in (s for s in candidates if s.name in names):
-                print(f"bench: {system.name} ...", file=sys.stderr, flush=True)
-                rows.append((system.name, measure(system, r, args.jobs)))
+            for name in names:
+                print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                system = ours if name == "ours" else Peer(name, url)
+                rows.append((name, measure(system, r, args.jobs, redis_proc.pid,
+                                           server.pid if name == "ours" else None)))
+        if "cpu" in tables and "ours" in names:
             r.flushall()
             worker_proc = ours.start_workers(1)
             asyncio.run(ours.enqueue(["warm up"]))
@@ -609,22 +672,29 @@ def main(argv: list[str] | None = None) -> None:
             server_rss = psutil.Process(server.pid).memory_info().rss
             top = ceiling(r, args.jobs)
         if "io" in tables:
-            for label, system, concurrency in io_rows(ours, port):
-                if system.name in names:
-                    print(f"bench: I/O-bound, {label} ...", file=sys.stderr, flush=True)
-                    io.append((label, system.name, 2 * concurrency * 50,
-                               measure_io(system, r, args.io_jobs, server.pid)))
+            for label, system, concurrency in io_rows(ours, url, names):
+                print(f"bench: I/O-bound, {label} ...", file=sys.stderr, flush=True)
+                io.append((label, 2 * concurrency * 50,
+                           measure_io(system, r, args.io_jobs, redis_proc.pid,
+                                      server.pid if system.name == "ours" else None)))
         version = r.info("server")["redis_version"]
     finally:
         stop([server, redis_proc])
     print(f"\n{os.cpu_count()} cores, redis-server {version}, Python {sys.version.split()[0]}")
-    if "cpu" in tables:
-        print(f"\nCPU-trivial job, jobs/s, N = {args.jobs:,}")
-        print(f"{'system':8} {'enqueue':>9} {'drain 1w':>9} {'drain 2w':>9} {'e2e 1w':>9} "
-              f"{'e2e 2w':>9}")
+    cpu_head = (f"{'producer':>8} {'server':>6} {'workers':>7} {'Redis':>5} {'all':>6} "
+                f"{'others':>6}")
+    if rows:
+        print(f"\nCPU-trivial job, jobs/s, N = {args.jobs:,}; CPU µs per job in e2e 2w, of "
+              f"each kind of process; others: cores the rest of the machine kept busy then")
+        print(f"{'system':8} {'enqueue':>8} {'drain 1w':>8} {'drain 2w':>8} {'e2e 1w':>8} "
+              f"{'e2e 2w':>8} | {cpu_head}")
         for name, m in rows:
-            print(f"{name:8} " + " ".join(f"{m[k]:9,.0f}" for k in
-                                          ("enqueue", "drain1", "drain2", "e2e1", "e2e2")))
+            print(f"{name:8} " + " ".join(f"{m[k]:8,.0f}" for k in
+                                          ("enqueue", "drain1", "drain2", "e2e1", "e2e2"))
+                  + f" | {cpu_columns(m['cpu'])}")
+        print(f"a worker (1w, 2w) is one worker command at its defaults: "
+              f"{'; '.join(worker_is(name) for name, _ in rows)}")
+    if rows and "ours" in names:
         print(f"\nceiling (one connection, LPUSH; BLMOVE HSET LREM PUBLISH): {top:,.0f} jobs/s")
         print(f"latency submit→done over WebSocket, 500 sequential: p50 "
               f"{statistics.median(lat) * 1000:.2f} ms, p99 "
@@ -634,17 +704,38 @@ def main(argv: list[str] | None = None) -> None:
               f"server RSS {fan['rss'] / 1024:.1f} KiB/watcher")
         print(f"RSS: worker {worker_rss / 2**20:.1f} MiB, server {server_rss / 2**20:.1f} MiB "
               f"(after fan-out)")
-    if "io" in tables:
+    if io:
         print(f"\nI/O-bound job (waits 20 ms), 2 idle workers, N = {args.io_jobs:,}, first "
-              "enqueue to last done; limit = 2 workers x jobs at once x 50/s")
-        print(f"{'system':28} {'jobs/s':>7} {'limit':>7} {'% limit':>7} {'RSS MiB':>8} "
-              f"{'CPU µs/job: workers':>20} {'server':>7}")
-        for label, name, limit, m in io:
-            extra = (f" {m['rss'] / 2**20:8.1f} {m['cpu_worker']:20,.0f} {m['cpu_server']:7,.0f}"
-                     if name == "ours" else "")
-            print(f"{label:28} {m['rate']:7,.0f} {limit:7,} {m['rate'] / limit:7.0%}{extra}")
+              "enqueue to last done; limit = 2 workers x jobs at once x 50/s; RSS of the "
+              "larger worker (with its children); CPU µs per job of each kind of process; "
+              "others: cores the rest of the machine kept busy")
+        print(f"{'system':34} {'jobs/s':>6} {'limit':>6} {'%limit':>6} {'RSS MiB':>7} | "
+              f"{cpu_head}")
+        for label, limit, m in io:
+            print(f"{label:34} {m['rate']:6,.0f} {limit:6,} {m['rate'] / limit:6.0%} "
+                  f"{m['rss'] / 2**20:7.1f} | {cpu_columns(m)}")
+    wrong = [m["wrong"] for _, m in rows if "wrong" in m] + \
+        [f"{label}: {m['wrong']}" for label, _, m in io if "wrong" in m]
+    if rows or io:
+        print("results read back: " + ("; ".join(wrong) if wrong else
+                                       "every job's, each its input upper-cased"))
     if clustered:
         print_cluster(clustered, args.jobs)
+
+
+def cpu_columns(m: dict[str, float]) -> str:
+    """CPU µs per job of each kind of process, and of all."""
+    kinds = ("producer", "server", "workers", "redis")
+    return (f"{m['producer']:8,.0f} {m['server']:6,.0f} {m['workers']:7,.0f} "
+            f"{m['redis']:5,.0f} {sum(m[k] for k in kinds):6,.0f} {m['others']:6.2f}")
+
+
+def worker_is(name: str) -> str:
+    """What one worker command of the system is, at its defaults."""
+    if name == "ours":
+        return "ours 1 process, 10 slots"
+    adapter = ADAPTERS[name]
+    return f"{name} {adapter.worker_shape}"
 
 
 def print_cluster(rows: list[tuple[str, dict[str, float], str, list[str]]], n: int) -> None:

@@ -72,7 +72,7 @@ def test_timeout_exits_3(procs: Procs, server: str) -> None:
 
 @pytest.mark.parametrize("args", [
     ["--watch", "0" * 32],
-    ["--server", "http://127.0.0.1:1", "x"],
+    ["--server", "http://127.0.0.1:1", "--timeout", "1", "x"],
 ])
 def test_connection_errors_exit_2_in_one_line(procs: Procs, server: str,
                                               args: list[str]) -> None:
@@ -144,7 +144,7 @@ def test_library_wait_raises_on_timeout_and_on_refusal(procs: Procs, server: str
         library.wait("0" * 32, server=server)
     assert refused.value.status == 404 and refused.value.error
     with pytest.raises(library.ServerError, match="cannot reach") as unreachable:
-        library.submit("x", server=f"http://127.0.0.1:{free_port()}")
+        library.submit("x", server=f"http://127.0.0.1:{free_port()}", retry_for=0)
     assert unreachable.value.status is None
 
 

@@ -32,8 +32,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import MAX_DELAY, MESSAGE_FIELDS, make_app
-from store import MAX_BULK, RUNTIME_BUCKETS, STATES, Keys
+from server import MESSAGE_FIELDS, make_app
+from store import MAX_BULK, MAX_DELAY, RUNTIME_BUCKETS, STATES, Keys
 from tests import handlers
 from tests.conftest import Procs, delete_prefix, eventually, free_port, fuzz, plain, stop
 from worker import Worker
