@@ -111,8 +111,7 @@ HISTORY_PAGE = 500  # messages of a job's history read at once
 RESUBSCRIBE_MAX = 1.0  # seconds between tries to subscribe again, at most (a failover: ~2-3 s)
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 CURSOR = re.compile(r"([0-9]{1,17})-([0-9a-f]{32})")  # a next_cursor of GET /jobs
-TOTALS = ("submitted", "done", "failed", "retried", "cancelled",
-          "output_bytes")  # {prefix}:counters
+TOTALS = ("submitted", "done", "failed", "retried", "cancelled")  # {prefix}:counters
 PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 IDEMPOTENCY_TTL = 86_400  # seconds an Idempotency-Key is remembered
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")  # printable ASCII
@@ -987,6 +986,7 @@ async def queue_stats(request: web.Request, keys: Keys) -> dict[str, Any]:
         "oldest_queued_age": None if stats["oldest_queued_age"] is False
                              else stats["oldest_queued_age"],
         "totals": {name: stats["totals"].get(name, 0) for name in TOTALS},
+        "output_bytes": stats["totals"].get("output_bytes", 0),
         "done_per_minute": [{"minute": rfc3339(m), "done": done, "failed": failed}
                             for m, done, failed in stats["minutes"]],
         "workers": [{"name": w["name"], "host": w.get("host", ""), "pid": int(w.get("pid", 0)),
@@ -1016,6 +1016,7 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
     ages = [s["oldest_queued_age"] for s in each.values() if s["oldest_queued_age"] is not None]
     total["oldest_queued_age"] = max(ages, default=None)
     total["totals"] = {name: sum(s["totals"][name] for s in each.values()) for name in TOTALS}
+    total["output_bytes"] = sum(s["output_bytes"] for s in each.values())
     minutes: dict[str, Counter[str]] = {}
     for s in each.values():
         for m in s["done_per_minute"]:
@@ -1080,7 +1081,7 @@ async def metrics(request: web.Request) -> web.Response:
            {"": s["totals"]["retried"]})
     metric("jobs_output_bytes_total", "counter",
            "Bytes of output that running jobs streamed (UTF-8), as written to Redis.",
-           {"": s["totals"]["output_bytes"]})
+           {"": s["output_bytes"]})
     metric("jobs", "gauge", "Jobs in each state.",
            {f'{{status="{k}"}}': n for k, n in s["jobs"].items()})
     metric("jobs_queue_length", "gauge", "Jobs waiting on the queue.", {"": s["queue_length"]})

@@ -1118,7 +1118,7 @@ def new_jobs(texts: list[str], due: float | None = None, queue: str = DEFAULT_QU
     fields: dict[str, str | int] = {
         "queue": queue, "status": "queued" if due is None else "delayed", "result": "",
         "error": "", "attempts": 0, "created": created, "updated": created, "version": 1,
-        "priority": priority}
+        "seq": 1, "priority": priority}  # seq: its first message (counted by emit(), not stored)
     if group is not None:
         fields["group"] = group
     if due is not None:
@@ -1135,7 +1135,7 @@ def submit_args(prefix: str, retention: int, jobs: list[dict[str, str | int]],
     """The SUBMIT script's arguments for these jobs (made by new_jobs with the same due);
     `idempotency`: the digest of the client's key ("" for none), the digest of the request,
     and how long to keep the key."""
-    shared = [item for name, value in jobs[0].items() if name not in ("id", "input")
+    shared = [item for name, value in jobs[0].items() if name not in ("id", "input", "seq")
               for item in (name, value)]
     expires = jobs[0].get("expires_at")
     return [prefix, now(), retention, "" if due is None else due,

@@ -840,6 +840,7 @@ async def test_metrics_parse_and_match_stats(client: Client, r: redis.Redis, pre
     families = parse_metrics(await response.text())
     assert {name: f.type for name, f in families.items()} == {
         "jobs_submitted": "counter", "jobs_finished": "counter", "jobs_retried": "counter",
+        "jobs_output_bytes": "counter",
         "jobs": "gauge", "jobs_queue_length": "gauge", "jobs_dead_letter": "gauge",
         "jobs_held_back": "gauge", "jobs_queue_paused": "gauge", "jobs_schedule_runs": "counter",
         "jobs_oldest_queued_age_seconds": "gauge", "jobs_workers": "gauge",
@@ -850,6 +851,7 @@ async def test_metrics_parse_and_match_stats(client: Client, r: redis.Redis, pre
     assert sample(families, "jobs_oldest_queued_age_seconds") >= numbers["oldest_queued_age"]
     assert sample(families, "redis_used_memory_bytes") > 0
     assert sample(families, "server_watchers") == 0
+    assert sample(families, "jobs_output_bytes", "jobs_output_bytes_total") == numbers["output_bytes"] == 0
     assert sample(families, "server_requests", "server_requests_total",
                   route="/submit", code="201") == 6
     assert sample(families, "server_requests", "server_requests_total",
@@ -1122,7 +1124,8 @@ def test_fuzzing_left_no_trace(fuzz_server: Fuzz) -> None:
              for g in r.lrange(keys.groups(p), 0, -1)}
     allowed = {keys.delayed, keys.counters, keys.priorities, keys.wake, *lines,
                *(keys.groups(p) for _, (p, _) in lines.items()),
-               *(keys.index(s) for s in STATES), *(keys.job(job_id) for job_id in jobs)}
+               *(keys.index(s) for s in STATES), *(keys.job(job_id) for job_id in jobs),
+               *(keys.history(job_id) for job_id in jobs)}
     assert set(r.scan_iter(match=f"{prefix}:*")) <= allowed
     queue = [job_id for line in lines for job_id in r.lrange(line, 0, -1)]
     delayed = r.zrange(keys.delayed, 0, -1)
@@ -1198,7 +1201,7 @@ async def test_feed_batches_every_change(client: Client, r: redis.Redis, prefix:
     for batch in events:
         assert len({m["id"] for m in batch}) == len(batch)  # the newest state of each job
         for message in batch:
-            assert set(message) == {*MESSAGE_FIELDS, "queue"}, message  # and its queue
+            assert set(message) == {*MESSAGE_FIELDS, "queue", "type", "seq"}, message  # its queue
             assert message["version"] > seen.get(message["id"], 0)  # never an older state
             seen[message["id"]] = message["version"]
     assert seen[later] == 2 and seen[ids[0]] == 3  # submitted, cancelled; queued, running, done

@@ -91,7 +91,7 @@ async def test_submit_stores_and_queues_the_job(client: Client, r: RedisClient,
     assert re.fullmatch(r"[0-9a-f]{32}", job["id"])
     assert job | {"id": "", "created": "", "updated": ""} == {
         "id": "", "input": "hello world", "status": "queued", "result": "", "error": "",
-        "attempts": 0, "created": "", "updated": "", "version": 1, "queue": "default",
+        "attempts": 0, "created": "", "updated": "", "version": 1, "seq": 1, "queue": "default",
         "priority": 5, "group": None}
     assert datetime.fromisoformat(job["created"]).utcoffset() is not None
     keys = Keys(prefix)
