@@ -78,7 +78,7 @@ def run_time(got: list[tuple[float, dict[str, object]]]) -> float:
 
 
 def percentiles(values: list[float]) -> str:
-    cuts = statistics.quantiles(values, n=100)
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
     return (f"p50 {statistics.median(values):6.1f} ms   p99 {cuts[98]:6.1f} ms   "
             f"max {max(values):6.1f} ms   ({len(values)} pieces)")
 

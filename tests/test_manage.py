@@ -851,7 +851,8 @@ async def test_metrics_parse_and_match_stats(client: Client, r: redis.Redis, pre
     assert sample(families, "jobs_oldest_queued_age_seconds") >= numbers["oldest_queued_age"]
     assert sample(families, "redis_used_memory_bytes") > 0
     assert sample(families, "server_watchers") == 0
-    assert sample(families, "jobs_output_bytes", "jobs_output_bytes_total") == numbers["output_bytes"] == 0
+    assert sample(families, "jobs_output_bytes",
+                  "jobs_output_bytes_total") == numbers["output_bytes"] == 0
     assert sample(families, "server_requests", "server_requests_total",
                   route="/submit", code="201") == 6
     assert sample(families, "server_requests", "server_requests_total",
