@@ -179,6 +179,7 @@ class Watcher:
 
 
 CATCH_UP = Update(0, False, b"")  # what Watcher.get returns when it is to read history
+OUTPUT_HEAD = '{"type":"output","id":"'  # how an output message (worker.Output) begins
 
 
 async def read_job(redis: AsyncClient, key: str) -> dict[str, str]:
@@ -366,6 +367,13 @@ class Hub:
                     watcher.catch_up()
 
     def dispatch(self, keys: Keys, data: str) -> None:
+        if data.startswith(OUTPUT_HEAD):  # the worker's, the bulk of a stream: not parsed
+            topic = self.topics.get((keys.name, data[len(OUTPUT_HEAD):len(OUTPUT_HEAD) + 32]))
+            if topic is not None and data.endswith("}") and ':' in data:
+                seq = data[data.rindex(":") + 1:-1]
+                if seq.isdigit():
+                    topic.offer(Update(0, False, data.encode(), int(seq), "output"))
+            return
         try:
             message = json.loads(data)
             update = parsed(message, data.encode())

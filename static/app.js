@@ -652,7 +652,9 @@ async function loadJobs() {
         STATES.map((s) => api("GET", `/jobs?status=${s}&limit=${PAGE}`)));
       jobs = pages.flatMap((page) => page.jobs);
       jobs.sort((a, b) => (a.updated < b.updated ? 1 : a.updated > b.updated ? -1 : 0));
-      jobs = jobs.slice(0, MAX_ROWS);
+      // A job that changed state while the pages were read is on two of them: its newest once.
+      const seen = new Set();
+      jobs = jobs.filter((job) => !seen.has(job.id) && seen.add(job.id)).slice(0, MAX_ROWS);
     }
   } catch (error) {
     report(error);
