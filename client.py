@@ -432,18 +432,19 @@ async def follow_to_end(session: aiohttp.ClientSession, server: str, job_id: str
 
 
 async def wait_for_end(session: aiohttp.ClientSession, server: str, job_id: str,
-                       queue: str = DEFAULT_QUEUE, show: Callable[[Job], None] | None = None
-                       ) -> Job:
+                       queue: str = DEFAULT_QUEUE, show: Callable[[Job], None] | None = None,
+                       submitted: bool = False) -> Job:
     """The job once it has ended: GET /status, then follow it if it has not (the job with
-    the fields of its last message over them). With `show`, every message of the job from its
-    first is given to it (its output, say), the job followed even if it has ended. No deadline
-    of its own: run it under `asyncio.timeout`."""
+    the fields of its last message over them), logging its status then and each change. With
+    `show`, every message of the job from its first is given to it (its output, say), the job
+    followed even if it has ended. `submitted`: just now, so `queued` goes without saying. No
+    deadline of its own: run it under `asyncio.timeout`."""
     job = await request_json(session, "GET", f"{server}/status", params=on(queue, id=job_id))
     seq = int(job.get("seq", 0))  # of its last message so far
-    if job["status"] in TERMINAL:
+    if not (submitted and job["status"] == "queued"):
         log.info("job %s: %s", job_id, job["status"])
-        if show is None:
-            return job
+    if job["status"] in TERMINAL and show is None:
+        return job
     last = await follow_to_end(session, server, job_id, queue, 0 if show else seq, show, seq)
     return {**job, **{k: v for k, v in last.items() if k != "type"}}
 
@@ -957,7 +958,8 @@ async def act(session: aiohttp.ClientSession, server: str, args: argparse.Namesp
     try:
         async with asyncio.timeout(timeout):
             shown = Shown()
-            return outcome(await wait_for_end(session, server, job_id, args.queue, shown), shown)
+            return outcome(await wait_for_end(session, server, job_id, args.queue, shown,
+                                              submitted=args.text is not None), shown)
     except TimeoutError:
         log.error("%s", too_late(timeout, job_id))
         return TIMED_OUT

@@ -1252,8 +1252,8 @@ def after_of(request: web.Request) -> int | None:
     state): an EventSource's Last-Event-ID when it reconnects, else the URL's `after`."""
     for name, value in (("Last-Event-ID", request.headers.get("Last-Event-ID")),
                         ("after", request.query.get("after"))):
-        if value is None or (name == "Last-Event-ID" and request.path != "/events"):
-            continue
+        if not value or (name == "Last-Event-ID" and request.path != "/events"):
+            continue  # an empty Last-Event-ID: none seen
         if not (value.isascii() and value.isdigit() and len(value) <= 18):
             raise error(web.HTTPBadRequest, f"{name} must be the seq of a message this server "
                                             f"sent (a whole number), or 0 for the whole history")

@@ -424,7 +424,38 @@ async def test_a_slow_watcher_reads_what_it_missed_from_the_history(
     assert sent == fast == whole
 
 
-# -- a real browser: its EventSource, and the dashboard ----------------------------------------
+def test_a_stream_goes_on_across_a_sentinel_failover(sentinels: Any, procs: Procs) -> None:
+    """Over Sentinel, the master is killed while a job streams: the worker writes on to the new
+    master, the job ends done, a follower that was watching (client.follow) gets to its end,
+    and the job's history is whole: numbered without a gap, each piece once and in order."""
+    import threading
+
+    import client as library
+    procs.redis_url = sentinels.url
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    procs.server(port)
+    procs.worker("--handler", "handlers:stream", "--lease", "10")
+    job_id = submit(base, spec(pieces=300, seconds=4, every=50))
+    followed: list[dict[str, Any]] = []
+    follower = threading.Thread(target=lambda: followed.extend(library.follow(job_id,
+                                                                              server=base)))
+    follower.start()
+    wait_until(lambda: sum(m.get("type") == "output" for m in followed) >= 3,
+               what="output to flow")
+    sentinels.kill_master()
+    sentinels.wait_failover()
+    follower.join(timeout=60)
+    assert not follower.is_alive() and followed[-1]["status"] == "done"
+    got = decoded(read(base, job_id, after=0))
+    assert [m["seq"] for m in got] == list(range(1, len(got) + 1))
+    assert got[-1]["status"] == "done" and got[-1]["result"] == "streamed 300"
+    numbers = [int(n) for m in got if m["type"] == "output" for n in m["data"].split()]
+    assert numbers == sorted(set(numbers)) and numbers[-1] == 299  # none twice, in order
+
+
+# -- a real browser: its EventSource, and the dashboard (last in this file: Playwright's sync
+# API keeps an event loop running in this thread from then on, so asyncio.run fails) ---------
 
 # EventSources on one job, opened at the given moments (ms), each with after=0 in its URL; each
 # follows until the browser gives up on it for good (the 204 after the end: CLOSED). In
@@ -501,32 +532,3 @@ def test_the_dashboard_shows_progress_and_a_clicked_jobs_output(
     finally:
         page.close()
 
-
-def test_a_stream_goes_on_across_a_sentinel_failover(sentinels: Any, procs: Procs) -> None:
-    """Over Sentinel, the master is killed while a job streams: the worker writes on to the new
-    master, the job ends done, a follower that was watching (client.follow) gets to its end,
-    and the job's history is whole: numbered without a gap, each piece once and in order."""
-    import threading
-
-    import client as library
-    procs.redis_url = sentinels.url
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    procs.server(port)
-    procs.worker("--handler", "handlers:stream", "--lease", "10")
-    job_id = submit(base, spec(pieces=300, seconds=4, every=50))
-    followed: list[dict[str, Any]] = []
-    follower = threading.Thread(target=lambda: followed.extend(library.follow(job_id,
-                                                                              server=base)))
-    follower.start()
-    wait_until(lambda: sum(m.get("type") == "output" for m in followed) >= 3,
-               what="output to flow")
-    sentinels.kill_master()
-    sentinels.wait_failover()
-    follower.join(timeout=60)
-    assert not follower.is_alive() and followed[-1]["status"] == "done"
-    got = decoded(read(base, job_id, after=0))
-    assert [m["seq"] for m in got] == list(range(1, len(got) + 1))
-    assert got[-1]["status"] == "done" and got[-1]["result"] == "streamed 300"
-    numbers = [int(n) for m in got if m["type"] == "output" for n in m["data"].split()]
-    assert numbers == sorted(set(numbers)) and numbers[-1] == 299  # none twice, in order
