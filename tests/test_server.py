@@ -17,7 +17,6 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
-from server import make_app
 from store import Client as RedisClient
 from store import Keys, on_node
 from tests.conftest import RedisServer, free_port, wait_until
@@ -25,19 +24,6 @@ from worker import Worker
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture
-async def make_client(aiohttp_client: Any, redis_url: str, prefix: str) -> MakeClient:
-    async def make(**kwargs: Any) -> Client:
-        return await aiohttp_client(  # type: ignore[no-any-return]
-            make_app(kwargs.pop("redis_url", redis_url), prefix=prefix, **kwargs))
-    return make
-
-
-@pytest.fixture
-async def client(make_client: MakeClient) -> Client:
-    return await make_client()
 
 
 @pytest.fixture
