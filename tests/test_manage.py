@@ -44,6 +44,7 @@ from tests.conftest import (
     fuzz,
     plain,
     stop,
+    subscribed,
 )
 from worker import Worker
 
@@ -91,11 +92,7 @@ def hget(r: redis.Redis, prefix: str, job_id: str, field: str) -> str | None:
 async def wait_subscribed(r: redis.Redis, prefix: str) -> None:
     """Until the server's one pub/sub subscription is confirmed: nothing published before it
     would reach a watcher."""
-    channel = Keys(prefix).events
-
-    async def subscribed() -> bool:
-        return any(n >= 1 for _, n in r.pubsub_shardnumsub(channel))
-    await eventually(subscribed, 10, "the server's subscription")
+    await subscribed(r, Keys(prefix).events)
 
 
 async def wait_status(r: redis.Redis, prefix: str, job_id: str, status: str,

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from store import Client as RedisClient
 from store import Keys, on_node
-from tests.conftest import RedisServer, free_port, wait_until
+from tests.conftest import RedisServer, free_port, subscribed, wait_until
 from worker import Worker
 
 Client = TestClient[Any, Any]
@@ -39,7 +39,9 @@ async def submit(client: Client, text: str = "hello world") -> dict[str, Any]:
 
 
 async def work_one(worker: Worker) -> None:
-    """Take the next job and run it to its outcome, as the worker's loop would."""
+    """Once the server's subscription is confirmed (what is published before it reaches no
+    watcher), take the next job and run it to its outcome, as the worker's loop would."""
+    await subscribed(worker.redis, worker.keys.events)
     slot = worker.slots[0]
     job = await asyncio.to_thread(worker.take, slot)
     assert job is not None
