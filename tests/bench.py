@@ -1,18 +1,55 @@
-"""Benchmark: this job queue against arq, RQ and SAQ, on one machine, in one run.
+"""Benchmark: this job queue against nine peers, on one machine, in one run: arq, RQ, SAQ,
+Celery, Dramatiq, streaq, taskiq (with taskiq-redis), huey and BullMQ for Python.
 
     python3 -m pip install '.[bench]' && python3 tests/bench.py [--jobs 10000] [--only io]
 
 Starts its own redis-server (persistence off) on a free port and prints three tables. In the
-first two, every system runs the same job against the same Redis, flushed between runs; the
-third, ours alone on one Redis and on Redis Clusters.
+first two, every system runs the same job against the same Redis, flushed before each
+measurement; the third, ours alone on one Redis and on Redis Clusters.
+
+The peers install from PyPI, each into a venv of its own, .bench/venvs/NAME (gitignored):
+made on first use (python3 -m venv, then pip install of the peer at the version pinned in
+tests/bench_peers.py, psutil and redis), again when the pins change, otherwise reused; arq
+pins an older redis-py than the rest. tests/bench_peers.py holds an adapter per system: how
+it enqueues, through its own API; how one worker command runs at its README's defaults; how
+every result is read back; how many jobs it has yet to finish, read from its own keys. The
+bench runs each system's producer and workers as processes of that venv's python (ours: of
+this Python; its producer submits over HTTP, POST /submit, to our server). Where the API is
+async (ours, arq, SAQ, streaq, taskiq, BullMQ) 64 enqueues are in flight at once; RQ, Celery,
+Dramatiq and huey enqueue one after another, as their APIs do. One worker, at its defaults:
+- ours: worker.py, 1 process, 10 slots (a line logged per job, at INFO, as by default);
+- arq: its worker, max_jobs 10; RQ: SimpleWorker (no fork per job, as arq and SAQ), 1 job at
+  once; SAQ: its Worker, concurrency 10; streaq: its Worker, concurrency 16; BullMQ for
+  Python: a Worker, concurrency 1; huey: RedisHuey's consumer, 1 worker thread;
+- Celery (Redis broker and result backend): `celery worker`, its prefork pool, a child
+  process per core (2 here); Dramatiq (its Redis broker, the Results middleware with its
+  Redis backend): its CLI, a process per core, 8 threads each; taskiq (RedisStreamBroker,
+  RedisAsyncResultBackend): `taskiq worker`, 2 processes, up to 100 async tasks each;
+- the peers log warnings only (their per-job INFO lines, where they have any, are off).
+A job is done when its system says so in Redis, polled every 10 ms: ours, its queue and
+processing lists; arq, its queue; RQ, its queue and started-job registry; SAQ, its incomplete
+set; Celery, its queue and unacked messages (a message is acked as its task starts), then its
+result keys; Dramatiq, its message hash (acked after the result is stored); huey, its results
+hash; taskiq, its consumer group's lag and pending; streaq, its results index; BullMQ, its
+completed set. After each timed interval (untimed), every result is read back through the
+system's own API and checked to be its input upper-cased: ours GET /status; arq
+Job.result(); RQ Job.return_value(); SAQ Job.refresh(); Celery ResultSet.join_native();
+Dramatiq Message.get_result(); huey Result.get(preserve=True); taskiq wait_result(); BullMQ
+Job.fromId(); streaq, its result keys through its own deserializer (its Task.result()
+subscribes to a channel per task: some 80 reads/s). What was wrong is printed under the
+tables.
 
 The CPU-trivial table (--only cpu for it alone): the job upper-cases a string.
-- enqueue/s: jobs accepted per second with no worker running (ours: HTTP POST /submit from 64
-  concurrent submitters; peers: their own enqueue API, 64 at a time where it is async);
-- drain: N jobs already queued, 1 or 2 worker processes (peers at their default concurrency),
-  from the first job done to the last;
-- end to end: workers running, N jobs enqueued (ours over HTTP, 64 at a time), from the first
-  enqueue to the last job done;
+- enqueue/s: jobs accepted per second with no worker running, from the producer's first
+  enqueue to the last accepted;
+- drain: N jobs already queued, 1 or 2 workers started, from the first job done to the last;
+- end to end: 1 or 2 workers running, a warm-up job done and read back, every process idle
+  (each under a fifth of a core), N jobs enqueued, from the first enqueue to the last done;
+- beside each row, CPU µs per job during its end to end with 2 workers (psutil, user +
+  system, before and after), of each kind of process: the producer, our server (ours only),
+  the workers (with their children), Redis (the bench's redis-server), all of them; and the
+  cores the rest of the machine kept busy meanwhile (it is shared: jobs/s moves with it, CPU
+  per job much less);
 - ceiling: a redis-py loop on one connection doing per job the Redis work of a reliable
   queue (LPUSH; then BLMOVE, HSET, LREM, PUBLISH);
 - latency: 500 sequential submit → WebSocket `done`, p50 and p99;
@@ -20,13 +57,15 @@ The CPU-trivial table (--only cpu for it alone): the job upper-cases a string.
   worker's publish to the last watcher hearing it, server RSS per watcher.
 
 The I/O-bound table (--only io for it alone): the job waits 20 ms (time.sleep in a plain
-handler, asyncio.sleep in an async one), then upper-cases the string. 2 worker processes, idle
-(started, a warm-up job done, each then using under a fifth of a core), then --io-jobs jobs
-enqueued as for end to end, from the first enqueue to the last job done. Ours plain and async
-at 10 and 100 jobs at once per worker; arq, SAQ and RQ at their defaults; arq and SAQ at 100.
-Beside each row: the limit W x N x 50 jobs/s (W workers running N jobs at once, each job 20 ms)
-and the share of it reached; the workers' RSS at the end (the larger of the two); CPU per job
-during the run, of the two workers together and of our server.
+handler: ours plain, RQ, Celery, Dramatiq, huey; asyncio.sleep in an async one: ours async,
+arq, SAQ, streaq, taskiq, BullMQ), then upper-cases the string. 2 workers, run as for end to
+end with --io-jobs jobs. Ours plain and async at 10 and 100 jobs at once per worker; each peer
+at its defaults and, where it has a setting for it, at 100 at once per worker: arq max_jobs,
+SAQ, streaq and BullMQ concurrency, Celery --pool threads --concurrency 100, Dramatiq
+--processes 1 --threads 100, huey -w 100 (RQ has none; taskiq's default is 100 async tasks a
+process already). Beside each row: the limit W x N x 50 jobs/s (W workers running N jobs at
+once, each job 20 ms) and the share of it reached; the RSS of the larger worker (with its
+children) at the end; CPU µs per job of each kind of process, as above.
 
 The cluster table (--only cluster for it alone; it needs redis-cli, and pytest: it builds its
 clusters with tests/topologies.py): end to end as above, spread over 4 queues a, b, c, d (each
@@ -55,8 +94,9 @@ slot, so one queue never gets past one master: spread a busy load over several q
 check where they land (slots are hashed, not balanced: these 4 queues put 2 on one of 3
 masters); each replica receives every write again, over the network.
 
---only takes a table or a system, and may be given more than once: --only io --only ours.
-Not collected by pytest (its name does not start with test_).
+--only takes a table or a system (ours or a peer's name), and may be given more than once:
+--only io --only ours --only celery. Not collected by pytest (its name does not start with
+test_).
 """
 
 from __future__ import annotations
@@ -361,8 +401,25 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
+    """User + system CPU seconds of the process; of one that has exited (a worker's short-lived
+    child), the last read (its time after that is lost)."""
+    try:
+        times = proc.cpu_times()
+    except psutil.NoSuchProcess:
+        return LAST_CPU.get(proc.pid, 0.0)
+    LAST_CPU[proc.pid] = float(times.user + times.system)
+    return LAST_CPU[proc.pid]
+
+
+LAST_CPU: dict[int, float] = {}
+
+
+def rss(proc: psutil.Process) -> int:
+    """Resident memory of the process in bytes (0 once it has exited)."""
+    try:
+        return int(proc.memory_info().rss)
+    except psutil.NoSuchProcess:
+        return 0
 
 
 def settle(procs: list[subprocess.Popen[bytes]], window: float = 0.25, most: float = 0.2,
@@ -398,7 +455,7 @@ def end_to_end(run: Run, n: int, redis_pid: int, server_pid: int | None) -> dict
     cpu = cpu_per_job(groups, since, n)
     others = (busy_seconds() - busy - sum(cpu.values()) * n / 1e6) / (last - began)
     out = {"rate": n / (last - began), **cpu, "others": others,
-           "rss": max(sum(p.memory_info().rss for p in tree([w])) for w in run.workers)}
+           "rss": max(sum(map(rss, tree([worker]))) for worker in run.workers)}
     problem = wrong or run.check()
     return {**out, **({"wrong": problem} if problem else {})}
 

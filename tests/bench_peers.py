@@ -128,7 +128,8 @@ class Adapter:
 
 
 class Ours(Adapter):
-    """Our server's HTTP API: POST /submit, GET /status?id=."""
+    """Our server's HTTP API: POST /submit, GET /status?id=. (Its workers and the count of
+    jobs left are bench.py's Ours: they need our worker.py and keys.)"""
 
     name = "ours"
 
@@ -278,7 +279,6 @@ class CeleryPeer(Adapter):
     at_once = os.cpu_count() or 1
     worker_shape = f"prefork, {at_once} child processes"
     count_results = "return #redis.call('KEYS', 'celery-task-meta-*')"
-
 
     def remaining(self, r: redis.Redis, enqueued: int) -> int:
         waiting = int(r.llen("celery")) + int(r.hlen("unacked"))

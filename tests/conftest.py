@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 import redis
 import redis.cluster
+from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, settings
 
-from store import RETENTION, SUBMIT, Client, Keys, connect, new_jobs, submit_args
+from server import make_app
+from store import RETENTION, SUBMIT, Client, Keys, connect, new_jobs, on_node, submit_args
 
 if TYPE_CHECKING:  # tests.topologies imports this module: imported where used
     from playwright.sync_api import Browser
@@ -259,6 +261,54 @@ def procs(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Procs]:
     p = Procs(redis_url, prefix, tmp_path)
     yield p
     p.stop_all()
+
+
+HTTPClient = TestClient[Any, Any]  # of an in-process server
+MakeClient = Callable[..., Awaitable[HTTPClient]]
+
+
+@pytest.fixture
+async def make_client(aiohttp_client: Any, redis_url: str, prefix: str) -> MakeClient:
+    """An in-process server (make_app, its settings given) and a client of it; `redis_url`
+    may be given too."""
+    async def make(**kwargs: Any) -> HTTPClient:
+        return await aiohttp_client(  # type: ignore[no-any-return]
+            make_app(kwargs.pop("redis_url", redis_url), prefix=prefix, **kwargs))
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> HTTPClient:
+    return await make_client()
+
+
+async def call(client: HTTPClient, method: str, path: str, expect: int, **kwargs: Any) -> Any:
+    """Make a request, check its status (and that an error is JSON {"error": "..."}), return
+    the JSON body (None if there is none)."""
+    response = await client.request(method, path, **kwargs)
+    body = await response.read()
+    assert response.status == expect, (method, path, response.status, body[:500])
+    if response.status >= 400:
+        assert response.content_type == "application/json", body[:500]
+        assert isinstance(json.loads(body)["error"], str)
+    return json.loads(body) if body else None
+
+
+async def subscribed(r: Client, channel: str) -> None:
+    """Until a server's subscription to the channel is confirmed (sharded pub/sub)."""
+    node = on_node(r, channel)  # on a cluster, the node of the channel's slot
+
+    async def confirmed() -> bool:
+        return any(n >= 1 for _, n in node.pubsub_shardnumsub(channel))
+    await eventually(confirmed, 10, f"a subscription to {channel}")
+
+
+@pytest.fixture
+def server(procs: Procs) -> Iterator[str]:
+    """A server process of the test's own; its address."""
+    port = free_port()
+    procs.server(port)
+    yield f"http://127.0.0.1:{port}"
 
 
 class RedisServer:

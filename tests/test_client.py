@@ -31,13 +31,6 @@ def no_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("JOBS_TOKEN", raising=False)
 
 
-@pytest.fixture
-def server(procs: Procs) -> Iterator[str]:
-    port = free_port()
-    procs.server(port)
-    yield f"http://127.0.0.1:{port}"
-
-
 @pytest.mark.cluster
 def test_hello_world(procs: Procs, server: str) -> None:
     procs.worker()

@@ -21,9 +21,8 @@ from playwright.sync_api import Browser, expect
 from prometheus_client.parser import text_string_to_metric_families
 
 import client as library
-from server import make_app
 from store import Keys
-from tests.conftest import ROOT, Procs, free_port
+from tests.conftest import ROOT, Procs, call, free_port
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -32,31 +31,6 @@ TOKEN = "dispatch-test-token"
 NO_LIMITS = {"rate_limit": None, "concurrency": None, "group_rate_limit": None,
              "group_concurrency": None}
 QUEUE_FIELDS = {"name", "length", "running", "paused", "held_back", "settings"}
-
-
-@pytest.fixture
-async def make_client(aiohttp_client: Any, redis_url: str, prefix: str) -> MakeClient:
-    async def make(**kwargs: Any) -> Client:
-        return await aiohttp_client(  # type: ignore[no-any-return]
-            make_app(redis_url, prefix=prefix, **kwargs))
-    return make
-
-
-@pytest.fixture
-async def client(make_client: MakeClient) -> Client:
-    return await make_client()
-
-
-async def call(client: Client, method: str, path: str, expect: int, **kwargs: Any) -> Any:
-    """Make a request, check its status (and that an error is JSON {"error": "..."}), return
-    the JSON body."""
-    response = await client.request(method, path, **kwargs)
-    body = await response.read()
-    assert response.status == expect, (method, path, response.status, body[:500])
-    if response.status >= 400:
-        assert response.content_type == "application/json", body[:500]
-        assert isinstance(json.loads(body)["error"], str)
-    return json.loads(body) if body else None
 
 
 def keys_of(r: redis.Redis, prefix: str) -> list[str]:

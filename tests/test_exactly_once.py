@@ -26,11 +26,6 @@ from worker import Worker
 Client = TestClient[Any, Any]
 
 
-@pytest.fixture
-async def client(aiohttp_client: Any, redis_url: str, prefix: str) -> Client:
-    return await aiohttp_client(make_app(redis_url, prefix=prefix))  # type: ignore[no-any-return]
-
-
 async def post(client: Client, body: Any, key: str | None = None,
                path: str = "/submit") -> tuple[int, Any, aiohttp.ClientResponse]:
     headers = {"Idempotency-Key": key} if key is not None else {}

@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -41,13 +40,6 @@ def run_client(procs: Procs, *args: str) -> subprocess.CompletedProcess[str]:
 def no_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """The library reads JOBS_TOKEN: none from the environment of whoever runs the tests."""
     monkeypatch.delenv("JOBS_TOKEN", raising=False)
-
-
-@pytest.fixture
-def server(procs: Procs) -> Iterator[str]:
-    port = free_port()
-    procs.server(port)
-    yield f"http://127.0.0.1:{port}"
 
 
 def send(base: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -32,10 +32,20 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import MESSAGE_FIELDS, make_app
+from server import MESSAGE_FIELDS
 from store import MAX_BULK, MAX_DELAY, RUNTIME_BUCKETS, STATES, Keys
 from tests import handlers
-from tests.conftest import Procs, delete_prefix, eventually, free_port, fuzz, plain, stop
+from tests.conftest import (
+    Procs,
+    call,
+    delete_prefix,
+    eventually,
+    free_port,
+    fuzz,
+    plain,
+    stop,
+    subscribed,
+)
 from worker import Worker
 
 Client = TestClient[Any, Any]
@@ -49,19 +59,6 @@ SUMMARY = {"id", "status", "input", "result", "error", "attempts", "created", "u
 # -- fixtures and helpers ------------------------------------------------------------------------
 
 @pytest.fixture
-async def make_client(aiohttp_client: Any, redis_url: str, prefix: str) -> MakeClient:
-    async def make(**kwargs: Any) -> Client:
-        return await aiohttp_client(  # type: ignore[no-any-return]
-            make_app(redis_url, prefix=prefix, **kwargs))
-    return make
-
-
-@pytest.fixture
-async def client(make_client: MakeClient) -> Client:
-    return await make_client()
-
-
-@pytest.fixture
 def make_worker(redis_url: str, prefix: str) -> Iterator[Callable[..., Worker]]:
     """Workers driven step by step from the test (not their run loop); closed at teardown."""
     made: list[Worker] = []
@@ -73,18 +70,6 @@ def make_worker(redis_url: str, prefix: str) -> Iterator[Callable[..., Worker]]:
     yield make
     for worker in made:
         worker.redis.close()
-
-
-async def call(client: Client, method: str, path: str, expect: int, **kwargs: Any) -> Any:
-    """Make a request, check its status (and that an error is JSON {"error": "..."}), return
-    the JSON body (None if there is none)."""
-    response = await client.request(method, path, **kwargs)
-    body = await response.read()
-    assert response.status == expect, (method, path, response.status, body[:500])
-    if response.status >= 400:
-        assert response.content_type == "application/json", body[:500]
-        assert isinstance(json.loads(body)["error"], str)
-    return json.loads(body) if body else None
 
 
 async def work_one(worker: Worker) -> str:
@@ -107,11 +92,7 @@ def hget(r: redis.Redis, prefix: str, job_id: str, field: str) -> str | None:
 async def wait_subscribed(r: redis.Redis, prefix: str) -> None:
     """Until the server's one pub/sub subscription is confirmed: nothing published before it
     would reach a watcher."""
-    channel = Keys(prefix).events
-
-    async def subscribed() -> bool:
-        return any(n >= 1 for _, n in r.pubsub_shardnumsub(channel))
-    await eventually(subscribed, 10, "the server's subscription")
+    await subscribed(r, Keys(prefix).events)
 
 
 async def wait_status(r: redis.Redis, prefix: str, job_id: str, status: str,

@@ -17,27 +17,13 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
-from server import make_app
 from store import Client as RedisClient
 from store import Keys, on_node
-from tests.conftest import RedisServer, free_port, wait_until
+from tests.conftest import RedisServer, free_port, subscribed, wait_until
 from worker import Worker
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture
-async def make_client(aiohttp_client: Any, redis_url: str, prefix: str) -> MakeClient:
-    async def make(**kwargs: Any) -> Client:
-        return await aiohttp_client(  # type: ignore[no-any-return]
-            make_app(kwargs.pop("redis_url", redis_url), prefix=prefix, **kwargs))
-    return make
-
-
-@pytest.fixture
-async def client(make_client: MakeClient) -> Client:
-    return await make_client()
 
 
 @pytest.fixture
@@ -53,7 +39,9 @@ async def submit(client: Client, text: str = "hello world") -> dict[str, Any]:
 
 
 async def work_one(worker: Worker) -> None:
-    """Take the next job and run it to its outcome, as the worker's loop would."""
+    """Once the server's subscription is confirmed (what is published before it reaches no
+    watcher), take the next job and run it to its outcome, as the worker's loop would."""
+    await subscribed(worker.redis, worker.keys.events)
     slot = worker.slots[0]
     job = await asyncio.to_thread(worker.take, slot)
     assert job is not None
