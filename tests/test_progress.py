@@ -20,10 +20,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 from playwright.sync_api import expect
 
 from store import Client, Keys
-from tests.conftest import ROOT, Procs, free_port, wait_until
+from tests.conftest import ROOT, Procs, RedisServer, free_port, wait_until
 
 Message = tuple[int, str]  # (seq, the message as sent)
 
@@ -366,22 +367,29 @@ def test_the_library_follows_a_job(procs: Procs, server: str) -> None:
 
 
 def test_a_full_redis_refuses_pieces_and_the_result_still_counts(
-        procs: Procs, server: str, r: Client, prefix: str, tmp_path: Path) -> None:
-    worker = procs.worker("--handler", "handlers:stream")
-    gate = tmp_path / "gate"
-    job_id = submit(server, spec(pieces=400, seconds=2, every=0, gate=str(gate)))
-    wait_until(lambda: r.hget(Keys(prefix).job(job_id), "status") == "running",
-               what="the job to run")
-    r.config_set("maxmemory-policy", "noeviction")
-    r.config_set("maxmemory", max(int(r.info("memory")["used_memory"]) - 2**20, 1))
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    """On a Redis of the test's own (it is made full: the suite's shared one is not)."""
+    r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    procs, prefix = Procs(own_redis.url, "{full}", tmp_path), "{full}"
     try:
+        port = free_port()
+        procs.server(port)
+        worker = procs.worker("--handler", "handlers:stream")
+        gate = tmp_path / "gate"
+        job_id = submit(f"http://127.0.0.1:{port}",
+                        spec(pieces=400, seconds=2, every=0, gate=str(gate)))
+        wait_until(lambda: r.hget(Keys(prefix).job(job_id), "status") == "running",
+                   what="the job to run")
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", max(int(r.info("memory")["used_memory"]) - 2**20, 1))
         gate.touch()
         wait_until(lambda: r.hget(Keys(prefix).job(job_id), "status") == "done",
                    what="the job to end", timeout=30)
         assert r.hget(Keys(prefix).job(job_id), "result") == "streamed 400"
         assert "refused a job's output" in procs.log(worker)
     finally:
-        r.config_set("maxmemory", 0)
+        procs.stop_all()
+        r.close()
 
 
 async def test_a_slow_watcher_reads_what_it_missed_from_the_history(
