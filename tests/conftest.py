@@ -36,7 +36,7 @@ from server import make_app
 from store import RETENTION, SUBMIT, Client, Keys, connect, new_jobs, on_node, submit_args
 
 if TYPE_CHECKING:  # tests.topologies imports this module: imported where used
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, ConsoleMessage, Page
 
     from tests.topologies import Cluster, Sentinels, Topology
 
@@ -355,6 +355,28 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 # -- a real browser, and Redis topologies, for the tests that need them ------------------------
+
+class Console:
+    """What the page said on its console, and the errors it threw."""
+
+    def __init__(self, page: Page) -> None:
+        self.messages: list[str] = []
+        page.on("console", self.heard)
+        page.on("pageerror", lambda exc: self.messages.append(f"pageerror: {exc}"))
+
+    def heard(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "warning"):
+            self.messages.append(f"{message.type}: {message.text} ({message.location})")
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:

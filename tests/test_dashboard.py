@@ -8,40 +8,17 @@ import json
 import re
 import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect
+from playwright.sync_api import Page, expect
 
-from tests.conftest import Procs, enqueue, free_port, stop
+from tests.conftest import Console, Procs, enqueue, free_port, stop
 
 TOKEN = "dashboard-test-token"
 DIGITS = re.compile(r"^[\d,]+$")  # a count, as the page shows it
-
-
-class Console:
-    """What the page said on its console, and the errors it threw."""
-
-    def __init__(self, page: Page) -> None:
-        self.messages: list[str] = []
-        page.on("console", self.heard)
-        page.on("pageerror", lambda exc: self.messages.append(f"pageerror: {exc}"))
-
-    def heard(self, message: ConsoleMessage) -> None:
-        if message.type in ("error", "warning"):
-            self.messages.append(f"{message.type}: {message.text} ({message.location})")
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    yield page
-    context.close()
 
 
 def start(procs: Procs, *worker_args: str) -> str:

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import redis
 from aiohttp.test_utils import TestClient
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Page, expect
 from prometheus_client.parser import text_string_to_metric_families
 
 import client as library
 from store import Keys
-from tests.conftest import ROOT, Procs, call, free_port
+from tests.conftest import ROOT, Console, Procs, call, free_port
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -460,7 +460,7 @@ def test_the_library_steers_queues(procs: Procs, server: str) -> None:
 # -- the dashboard ------------------------------------------------------------------------------
 
 def test_the_dashboard_shows_priorities_groups_and_steers_a_queue(
-        browser: Browser, procs: Procs, server: str) -> None:
+        page: Page, procs: Procs, server: str) -> None:
     def send(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         request = urllib.request.Request(f"{server}{path}", method=method,
                                          data=None if body is None else json.dumps(body).encode(),
@@ -469,56 +469,48 @@ def test_the_dashboard_shows_priorities_groups_and_steers_a_queue(
             return json.loads(response.read())
 
     before = send("POST", "/submit", {"input": "seeded", "priority": 8, "group": "acme"})
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
-    try:
-        page.goto(f"{server}/")
-        expect(page.locator("#live")).to_have_text("live")
-        row = page.locator(f'tr[data-id="{before["id"]}"]')  # from GET /jobs
-        expect(row.locator(".priority")).to_have_text("8")
-        expect(row.locator(".group")).to_have_text("acme")
-        after = send("POST", "/submit", {"input": "fed", "priority": 2, "group": "beta"})
-        row = page.locator(f'tr[data-id="{after["id"]}"]')  # from /feed, then GET /status
-        expect(row.locator(".priority")).to_have_text("2")
-        expect(row.locator(".group")).to_have_text("beta")
-        page.fill("#submit-input", "from the page")
-        page.select_option("#submit-priority", "9")
-        page.fill("#submit-group", "gamma")
-        page.click("#submit-button")
-        row = page.locator("#jobs tbody tr", has_text="from the page")
-        expect(row.locator(".priority")).to_have_text("9")
-        expect(row.locator(".group")).to_have_text("gamma")
+    console = Console(page)
+    page.goto(f"{server}/")
+    expect(page.locator("#live")).to_have_text("live")
+    row = page.locator(f'tr[data-id="{before["id"]}"]')  # from GET /jobs
+    expect(row.locator(".priority")).to_have_text("8")
+    expect(row.locator(".group")).to_have_text("acme")
+    after = send("POST", "/submit", {"input": "fed", "priority": 2, "group": "beta"})
+    row = page.locator(f'tr[data-id="{after["id"]}"]')  # from /feed, then GET /status
+    expect(row.locator(".priority")).to_have_text("2")
+    expect(row.locator(".group")).to_have_text("beta")
+    page.fill("#submit-input", "from the page")
+    page.select_option("#submit-priority", "9")
+    page.fill("#submit-group", "gamma")
+    page.click("#submit-button")
+    row = page.locator("#jobs tbody tr", has_text="from the page")
+    expect(row.locator(".priority")).to_have_text("9")
+    expect(row.locator(".group")).to_have_text("gamma")
 
-        queue = page.locator('#queues tr[data-queue="default"]')
-        expect(queue.locator(".state")).to_have_text("active")
-        queue.locator("button.pause").click()
-        expect(queue.locator(".state")).to_have_text("paused")
-        assert send("GET", "/queues/default")["paused"] is True
-        expect(page.locator("#held-back")).to_have_text("3 (paused)")
-        queue.locator("button.resume").click()
-        expect(queue.locator(".state")).to_have_text("active")
-        assert send("GET", "/queues/default")["paused"] is False
+    queue = page.locator('#queues tr[data-queue="default"]')
+    expect(queue.locator(".state")).to_have_text("active")
+    queue.locator("button.pause").click()
+    expect(queue.locator(".state")).to_have_text("paused")
+    assert send("GET", "/queues/default")["paused"] is True
+    expect(page.locator("#held-back")).to_have_text("3 (paused)")
+    queue.locator("button.resume").click()
+    expect(queue.locator(".state")).to_have_text("active")
+    assert send("GET", "/queues/default")["paused"] is False
 
-        queue.locator("button.limits").click()
-        page.fill("#limit-concurrency", "3")
-        page.fill("#limit-rate-jobs", "10")
-        page.fill("#limit-rate-per", "60")
-        page.click("#limits-save")
-        expect(page.locator("#limits-form")).to_be_hidden()
-        expect(queue).to_contain_text("10 per 60 s")
-        assert send("GET", "/queues/default")["settings"] == NO_LIMITS | {
-            "concurrency": 3, "rate_limit": {"jobs": 10, "per": 60}}
-        queue.locator("button.limits").click()
-        expect(page.locator("#limit-concurrency")).to_have_value("3")
-        page.fill("#limit-concurrency", "")  # empty: no such limit
-        page.click("#limits-save")
-        expect(page.locator("#limits-form")).to_be_hidden()
-        assert send("GET", "/queues/default")["settings"] == NO_LIMITS | {
-            "rate_limit": {"jobs": 10, "per": 60}}
-        assert errors == []
-    finally:
-        context.close()
+    queue.locator("button.limits").click()
+    page.fill("#limit-concurrency", "3")
+    page.fill("#limit-rate-jobs", "10")
+    page.fill("#limit-rate-per", "60")
+    page.click("#limits-save")
+    expect(page.locator("#limits-form")).to_be_hidden()
+    expect(queue).to_contain_text("10 per 60 s")
+    assert send("GET", "/queues/default")["settings"] == NO_LIMITS | {
+        "concurrency": 3, "rate_limit": {"jobs": 10, "per": 60}}
+    queue.locator("button.limits").click()
+    expect(page.locator("#limit-concurrency")).to_have_value("3")
+    page.fill("#limit-concurrency", "")  # empty: no such limit
+    page.click("#limits-save")
+    expect(page.locator("#limits-form")).to_be_hidden()
+    assert send("GET", "/queues/default")["settings"] == NO_LIMITS | {
+        "rate_limit": {"jobs": 10, "per": 60}}
+    assert console.messages == []

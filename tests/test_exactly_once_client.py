@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Page, expect
 
 import client as library
 from server import make_app
 from store import Keys
-from tests.conftest import ROOT, Procs, free_port, wait_until
+from tests.conftest import ROOT, Console, Procs, free_port, wait_until
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -353,81 +353,73 @@ def test_the_library_steers_schedules(procs: Procs, server: str) -> None:
 # -- schedules: the dashboard ---------------------------------------------------------------------
 
 def test_the_dashboard_shows_adds_pauses_and_deletes_schedules(
-        browser: Browser, procs: Procs, server: str) -> None:
+        page: Page, procs: Procs, server: str) -> None:
     procs.worker()
     send(server, "PUT", "/schedules/heartbeat", {"every": 1, "input": "beat"})
     send(server, "PUT", "/schedules/nightly",
          {"cron": "0 3 * * *", "timezone": "Europe/Paris", "input": "backup"})
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
-    try:
-        page.goto(f"{server}/")
-        expect(page.locator("#live")).to_have_text("live")
-        nightly = page.locator('#schedules tr[data-schedule="nightly"]')
-        expect(nightly.locator(".when")).to_have_text("0 3 * * * Europe/Paris")
-        expect(nightly.locator(".state")).to_have_text("active")
-        expect(nightly.locator(".next")).to_have_text(re.compile(r"^\d{4}-\d\d-\d\d 03:00$"))
-        expect(nightly.locator(".last")).to_have_text("\u2013")  # a dash: none yet
-        heartbeat = page.locator('#schedules tr[data-schedule="heartbeat"]')
-        expect(heartbeat.locator(".when")).to_have_text("every 1 s")
-        link = heartbeat.locator(".last a")  # once it has made a job: a link to it
-        expect(link).to_have_attribute("href", re.compile(r"^/status\?id=[0-9a-f]{32}$"))
-        job_id = (link.get_attribute("title") or "")
-        status, job = send(server, "GET", f"/status?id={job_id}")
-        assert status == 200 and job["schedule"] == "heartbeat"
-        expect(heartbeat.locator(".runs")).not_to_have_text("0")
+    console = Console(page)
+    page.goto(f"{server}/")
+    expect(page.locator("#live")).to_have_text("live")
+    nightly = page.locator('#schedules tr[data-schedule="nightly"]')
+    expect(nightly.locator(".when")).to_have_text("0 3 * * * Europe/Paris")
+    expect(nightly.locator(".state")).to_have_text("active")
+    expect(nightly.locator(".next")).to_have_text(re.compile(r"^\d{4}-\d\d-\d\d 03:00$"))
+    expect(nightly.locator(".last")).to_have_text("\u2013")  # a dash: none yet
+    heartbeat = page.locator('#schedules tr[data-schedule="heartbeat"]')
+    expect(heartbeat.locator(".when")).to_have_text("every 1 s")
+    link = heartbeat.locator(".last a")  # once it has made a job: a link to it
+    expect(link).to_have_attribute("href", re.compile(r"^/status\?id=[0-9a-f]{32}$"))
+    job_id = (link.get_attribute("title") or "")
+    status, job = send(server, "GET", f"/status?id={job_id}")
+    assert status == 200 and job["schedule"] == "heartbeat"
+    expect(heartbeat.locator(".runs")).not_to_have_text("0")
 
-        heartbeat.locator("button.pause").click()
-        expect(heartbeat.locator(".state")).to_have_text("paused")
-        assert send(server, "GET", "/schedules/heartbeat")[1]["paused"] is True
-        heartbeat.locator("button.resume").click()
-        expect(heartbeat.locator(".state")).to_have_text("active")
-        assert send(server, "GET", "/schedules/heartbeat")[1]["paused"] is False
-        heartbeat.locator("button.delete").click()
-        expect(heartbeat).to_have_count(0)
-        assert send(server, "GET", "/schedules/heartbeat")[0] == 404
+    heartbeat.locator("button.pause").click()
+    expect(heartbeat.locator(".state")).to_have_text("paused")
+    assert send(server, "GET", "/schedules/heartbeat")[1]["paused"] is True
+    heartbeat.locator("button.resume").click()
+    expect(heartbeat.locator(".state")).to_have_text("active")
+    assert send(server, "GET", "/schedules/heartbeat")[1]["paused"] is False
+    heartbeat.locator("button.delete").click()
+    expect(heartbeat).to_have_count(0)
+    assert send(server, "GET", "/schedules/heartbeat")[0] == 404
 
-        page.fill("#schedule-name", "digest")
-        page.fill("#schedule-when", "30 8 * * mon-fri")
-        page.fill("#schedule-timezone", "America/New_York")
-        page.fill("#schedule-input", "weekly digest")
-        page.fill("#schedule-queue", "emails")
-        page.click("#schedule-add")
-        digest = page.locator('#schedules tr[data-schedule="digest"]')
-        expect(digest.locator(".when")).to_have_text("30 8 * * mon-fri America/New_York")
-        expect(digest.locator(".queue")).to_have_text("emails")
-        expect(page.locator("#schedule-message")).to_contain_text("schedule digest: next run")
-        assert send(server, "GET", "/schedules/digest")[1] | {"next_run": None} == {
-            "name": "digest", "cron": "30 8 * * mon-fri", "timezone": "America/New_York",
-            "input": "weekly digest", "queue": "emails", "priority": 5, "group": None,
-            "expires_in": None, "overlap": "allow", "paused": False, "next_run": None,
-            "last_job": None, "runs": 0}
+    page.fill("#schedule-name", "digest")
+    page.fill("#schedule-when", "30 8 * * mon-fri")
+    page.fill("#schedule-timezone", "America/New_York")
+    page.fill("#schedule-input", "weekly digest")
+    page.fill("#schedule-queue", "emails")
+    page.click("#schedule-add")
+    digest = page.locator('#schedules tr[data-schedule="digest"]')
+    expect(digest.locator(".when")).to_have_text("30 8 * * mon-fri America/New_York")
+    expect(digest.locator(".queue")).to_have_text("emails")
+    expect(page.locator("#schedule-message")).to_contain_text("schedule digest: next run")
+    assert send(server, "GET", "/schedules/digest")[1] | {"next_run": None} == {
+        "name": "digest", "cron": "30 8 * * mon-fri", "timezone": "America/New_York",
+        "input": "weekly digest", "queue": "emails", "priority": 5, "group": None,
+        "expires_in": None, "overlap": "allow", "paused": False, "next_run": None,
+        "last_job": None, "runs": 0}
 
-        page.select_option("#schedule-kind", "every")
-        expect(page.locator("#schedule-timezone")).to_be_hidden()
-        page.fill("#schedule-name", "hourly")
-        page.fill("#schedule-when", "3600")
-        page.fill("#schedule-input", "tidy up")
-        page.click("#schedule-add")
-        expect(page.locator('#schedules tr[data-schedule="hourly"] .when')).to_have_text(
-            "every 1 h")
-        assert send(server, "GET", "/schedules/hourly")[1]["every"] == 3600
-        assert errors == []
+    page.select_option("#schedule-kind", "every")
+    expect(page.locator("#schedule-timezone")).to_be_hidden()
+    page.fill("#schedule-name", "hourly")
+    page.fill("#schedule-when", "3600")
+    page.fill("#schedule-input", "tidy up")
+    page.click("#schedule-add")
+    expect(page.locator('#schedules tr[data-schedule="hourly"] .when')).to_have_text(
+        "every 1 h")
+    assert send(server, "GET", "/schedules/hourly")[1]["every"] == 3600
+    assert console.messages == []
 
-        page.select_option("#schedule-kind", "cron")
-        page.fill("#schedule-name", "wrong")
-        page.fill("#schedule-when", "61 * * * *")
-        page.fill("#schedule-input", "never")
-        page.click("#schedule-add")
-        message = page.locator("#schedule-message")
-        expect(message).to_have_class(re.compile(r"\berror\b"))
-        expect(message).to_contain_text("minute")
-        assert send(server, "GET", "/schedules/wrong")[0] == 404
-        expect(page.locator("#schedules tbody tr")).to_have_count(3)
-        assert [e for e in errors if "status of 400" not in e] == []  # the browser logs a 400
-    finally:
-        context.close()
+    page.select_option("#schedule-kind", "cron")
+    page.fill("#schedule-name", "wrong")
+    page.fill("#schedule-when", "61 * * * *")
+    page.fill("#schedule-input", "never")
+    page.click("#schedule-add")
+    message = page.locator("#schedule-message")
+    expect(message).to_have_class(re.compile(r"\berror\b"))
+    expect(message).to_contain_text("minute")
+    assert send(server, "GET", "/schedules/wrong")[0] == 404
+    expect(page.locator("#schedules tbody tr")).to_have_count(3)
+    assert [e for e in console.messages if "status of 400" not in e] == []  # the browser logs a 400
