@@ -115,9 +115,8 @@ async function start() {
   $("#live").hidden = false;
   notify("");
   state.running = true;
-  openFeed();
+  openFeed(); // its onopen reads the jobs
   pollStats();
-  loadJobs();
 }
 
 function stop() {
@@ -764,13 +763,15 @@ function setLive(live) {
 function openFeed() {
   const feed = new EventSource("/feed");
   state.feed = feed;
+  // The jobs are read once the feed is open, never before: a job that changes meanwhile is
+  // then told by the feed, or the read, or both (the newer wins), never by neither.
   feed.onopen = () => {
     setLive("on");
     if (state.feedLost) { // what changed while it was down was not sent: read it again
       state.feedLost = false;
       pollStats();
-      loadJobs();
     }
+    loadJobs();
   };
   feed.onmessage = (event) => {
     let messages;

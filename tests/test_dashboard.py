@@ -15,7 +15,7 @@ import pytest
 import redis
 from playwright.sync_api import Page, expect
 
-from tests.conftest import Console, Procs, enqueue, free_port, stop
+from tests.conftest import Console, Procs, enqueue, free_port, stop, wait_until
 
 TOKEN = "dashboard-test-token"
 DIGITS = re.compile(r"^[\d,]+$")  # a count, as the page shows it
@@ -89,6 +89,26 @@ def test_a_job_submitted_with_curl_appears_and_turns_done_without_a_reload(
     expect(status_cell(page, job["id"])).to_have_text("done")
     expect(page.locator(f'tr[data-id="{job["id"]}"]')).to_contain_text("through")
     assert page.evaluate("window.notReloaded") is True
+
+
+def test_a_job_that_ends_before_the_feed_opens_is_shown_ended(
+        page: Page, procs: Procs, tmp_path: Path) -> None:
+    """The page reads the jobs only once /feed is open: a job that ends while the feed's
+    request is on its way was shown queued for good when the read came first."""
+    base = start(procs, "--handler", "handlers:gate")
+    gate = tmp_path / "gate"
+    job = post(f"{base}/submit", {"input": str(gate)})
+    held: list[Any] = []
+    page.route("**/feed", lambda route: held.append(route))  # held until we let it go
+    page.goto(f"{base}/")
+    expect(page.locator("#count-running")).to_have_text("1")  # the page is up, the job runs
+    assert len(held) == 1
+    gate.touch()
+    wait_until(lambda: get(f"{base}/status?id={job['id']}")["status"] == "done",
+               what="the job to end")
+    held[0].continue_()
+    expect(page.locator("#live")).to_have_text("live")
+    expect(status_cell(page, job["id"])).to_have_text("done")
 
 
 def test_retry_makes_a_failed_job_done(page: Page, procs: Procs, tmp_path: Path) -> None:
