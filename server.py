@@ -580,7 +580,8 @@ def shown(job: dict[str, Any]) -> dict[str, Any]:
     numbers, and last its `priority` (5 for a job stored before priorities) and `group` (null
     when it has none)."""
     rest = {name: value for name, value in job.items()
-            if name not in ("priority", "group", "state_seq", "output_seq", "stored", "dropped")}
+            if name not in ("priority", "group", "state_seq", "output_seq", "stored", "dropped",
+                            "lazy", "started")}
     if "expires_in" in job:
         rest["expires_in"] = float(job["expires_in"])
     if "progress" in rest:  # the newest progress of a try, as the worker's Context gave it
@@ -1331,7 +1332,7 @@ class Stream:
         first a `trimmed` message if the oldest of them are no longer kept."""
         reply = await self.hub.history(
             keys=[self.keys.job(self.job_id), self.keys.history(self.job_id)],
-            args=[self.sent, HISTORY_PAGE])
+            args=[self.keys.prefix, "", 0, self.job_id, self.sent, HISTORY_PAGE])
         if not reply:  # the job is gone (expired)
             return []
         first, entries = int(reply[0]), reply[1:]

@@ -177,6 +177,11 @@ READS = "#!lua flags=no-writes\n"
 # bound dropped from its head, so the message at index i is number dropped + i + 1), so that a
 # watcher can ask for the messages after one it saw (HISTORY). A list, not a stream: Redis
 # gives a new stream a 4 KiB node, which would have been most of a small job's memory.
+# Most jobs only ever go queued, running, ended, and emit nothing: such a job is `lazy`, it has
+# no history list, and its messages are rebuilt when asked for (rebuilt()): the first from its
+# hash's `created`, the running one from `started`, the last from its hash as it is now, so a
+# job that emits nothing costs what it did before histories. Any other change, and its first
+# progress or output, store its messages so far (materialize()) and every one after.
 LUA_PRELUDE = """
 local P, NOW, RETENTION = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local function job_key(id) return P .. ':job:' .. id end
@@ -184,17 +189,45 @@ local function clock()  -- Redis's time: unix seconds, and microseconds as a sco
   local t = redis.call('TIME')
   return tonumber(t[1]), t[1] .. string.format('%06d', t[2])
 end
+-- A state message: the job's fields as emit() reads them (status, result, error, attempts,
+-- updated, version), in one order, so that one rebuilt is the one published, byte for byte.
+local function state_message(id, f, seq)
+  return '{"type":"state","id":' .. cjson.encode(id) .. ',"status":' .. cjson.encode(f[1])
+    .. ',"result":' .. cjson.encode(f[2] or '') .. ',"error":' .. cjson.encode(f[3] or '')
+    .. ',"attempts":' .. (tonumber(f[4]) or 0) .. ',"updated":' .. cjson.encode(f[5])
+    .. ',"version":' .. (tonumber(f[6]) or 0) .. ',"seq":' .. seq .. '}'
+end
+-- Message n of a lazy job: queued at `created`, running at `started`, or its last (its hash).
+local function rebuilt(id, n)
+  local f = redis.call('HMGET', job_key(id), 'status', 'result', 'error', 'attempts', 'updated',
+                       'version', 'seq', 'created', 'started')
+  if n == tonumber(f[7]) then return state_message(id, f, n) end
+  if n == 1 then return state_message(id, {'queued', '', '', 0, f[8], 1}, 1) end
+  return state_message(id, {'running', '', '', 1, f[9], 2}, 2)
+end
+-- A lazy job's messages so far go to its history, and from now on every one (see above).
+local function materialize(id)
+  local key = job_key(id)
+  if not redis.call('HGET', key, 'lazy') then return end
+  local history = P .. ':history:' .. id
+  for n = 1, tonumber(redis.call('HGET', key, 'seq')) do
+    redis.call('RPUSH', history, rebuilt(id, n))
+  end
+  redis.call('HDEL', key, 'lazy', 'started')
+end
 local function emit(id)
   local key, history = job_key(id), P .. ':history:' .. id
   local f = redis.call('HMGET', key, 'status', 'result', 'error', 'attempts', 'updated',
-                      'version')
+                      'version', 'lazy')
   local seq = redis.call('HINCRBY', key, 'seq', 1)
-  local m = cjson.encode({type = 'state', id = id, status = f[1], result = f[2] or '',
-    error = f[3] or '', attempts = tonumber(f[4]) or 0, updated = f[5],
-    version = tonumber(f[6]), seq = seq})
-  redis.call('RPUSH', history, m)
-  if f[1] == 'done' or f[1] == 'failed' or f[1] == 'cancelled' then
-    redis.call('EXPIRE', history, RETENTION)  -- the history expires with the job
+  local m = state_message(id, f, seq)
+  if f[7] then  -- lazy: rebuilt when asked for; its start is noted for that
+    if f[1] == 'running' then redis.call('HSET', key, 'started', f[5]) end
+  else
+    redis.call('RPUSH', history, m)
+    if f[1] == 'done' or f[1] == 'failed' or f[1] == 'cancelled' then
+      redis.call('EXPIRE', history, RETENTION)  -- the history expires with the job
+    end
   end
   redis.call('SPUBLISH', P .. ':events', m)
 end
@@ -202,8 +235,15 @@ local function owner(slot) return string.match(slot or '', '^(.+)/%d+$') or slot
 -- Returns Redis's time in unix seconds.
 local function bump(id, status)
   local key = job_key(id)
-  local f = redis.call('HMGET', key, 'status', 'worker', 'cancel_requested', 'group')
+  local f = redis.call('HMGET', key, 'status', 'worker', 'cancel_requested', 'group', 'lazy',
+                      'seq')
   local old = f[1]
+  if f[5] and not (old == 'queued' and f[6] == '1' and (status == 'running'
+                                                        or status == 'cancelled')
+                   or old == 'running' and f[6] == '2' and (status == 'done'
+                      or status == 'failed' or status == 'cancelled')) then
+    materialize(id)  -- off the path whose messages can be rebuilt: stored from now on
+  end
   if old then redis.call('ZREM', P .. ':index:' .. old, id) end
   if old == 'running' and f[3] then  -- a stop request is over once the try is
     redis.call('SREM', P .. ':stop:' .. owner(f[2]), id)
@@ -312,6 +352,7 @@ local function add_jobs(first, due, expires)
     ids[#ids + 1] = id
     if redis.call('EXISTS', job_key(id)) == 0 then
       redis.call('HSET', job_key(id), 'id', id, 'input', ARGV[i + 1], unpack(fields))
+      if due == '' then redis.call('HSET', job_key(id), 'lazy', 1) end  -- see emit()
       redis.call('ZADD', P .. ':index:' .. status, score, id)
       if due == '' then
         push(id, false, priority, group)
@@ -910,6 +951,7 @@ return cjson.encode(out)
 OUTPUT = WRITES + LUA_PRELUDE + """
 local f = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'worker', 'seq', 'output_seq')
 if f[1] ~= 'running' or f[2] ~= ARGV[5] or f[3] ~= ARGV[6] then return 0 end
+materialize(ARGV[4])  -- a job that streams keeps every message
 if (tonumber(f[5]) or 0) < tonumber(f[4]) then  -- the last message was a state: its number
   redis.call('HSET', KEYS[1], 'state_seq', f[4])
 end
@@ -938,17 +980,26 @@ end
 return seq
 """
 
-# KEYS: job, its history. ARGV: after, count. The job's messages after number `after`, at
-# most `count` of them: {number of the first given, message, ...} ({} if there is no job).
-# The first may be later than after + 1: those between were dropped (see OUTPUT).
-HISTORY = READS + """
-local f = redis.call('HMGET', KEYS[1], 'status', 'dropped')
+# KEYS: job, its history. ARGV: (prefix, now, retention), id, after, count. The job's
+# messages after number `after`, at most `count` of them: {number of the first given, message,
+# ...} ({} if there is no job). The first may be later than after + 1: those between were
+# dropped (see OUTPUT). A lazy job's are rebuilt (see emit()).
+HISTORY = READS + LUA_PRELUDE + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'dropped', 'lazy', 'seq')
 if not f[1] then return {} end
 local dropped = tonumber(f[2]) or 0
-local first = math.max(tonumber(ARGV[1]) + 1, dropped + 1)
+local first, count = math.max(tonumber(ARGV[5]) + 1, dropped + 1), tonumber(ARGV[6])
+local out = {first}
+if f[3] then  -- a lazy job's messages: rebuilt
+  for n = first, math.min(tonumber(f[4]), first + count - 1) do
+    out[#out + 1] = rebuilt(ARGV[4], n)
+  end
+  return out
+end
 local from = first - dropped - 1
-local out = redis.call('LRANGE', KEYS[2], from, from + tonumber(ARGV[2]) - 1)
-table.insert(out, 1, first)
+for _, m in ipairs(redis.call('LRANGE', KEYS[2], from, from + count - 1)) do
+  out[#out + 1] = m
+end
 return out
 """
 

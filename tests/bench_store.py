@@ -5,7 +5,8 @@ checkouts side by side, alternating, since the machine is shared and noisy).
 
 Starts a throwaway redis-server, submits 5,000 jobs through the SUBMIT script, then takes,
 starts and finishes them with one in-process worker slot (no chaining), and prints redis-server's
-CPU time and the wall time per job for each half. Not collected by pytest.
+CPU time and the wall time per job for each half, and Redis's memory per job kept (used_memory
+after them, less before). Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def measure(r: redis.Redis, url: str, redis_process: psutil.Process) -> None:
     slot = worker.slots[0]
     submit = r.register_script(store.SUBMIT)
     keys = store.Keys()
+    memory0 = int(r.info("memory")["used_memory"])
     cpu0, t0 = redis_process.cpu_times(), time.perf_counter()
     for i in range(N):
         if hasattr(store, "new_jobs"):
@@ -80,13 +82,15 @@ def measure(r: redis.Redis, url: str, redis_process: psutil.Process) -> None:
         done += 1
         job = worker.process(slot, job)
     cpu2, t2 = redis_process.cpu_times(), time.perf_counter()
+    memory = (int(r.info("memory")["used_memory"]) - memory0) / N
 
     def per_job(a: Any, b: Any) -> float:
         return float(b.user + b.system - a.user - a.system) * 1e6 / N
 
     print(f"{TREE.name}: {done} jobs; submit: redis CPU {per_job(cpu0, cpu1):.0f} µs/job, wall "
           f"{(t1 - t0) * 1e6 / N:.0f} µs/job; take+start+finish: redis CPU "
-          f"{per_job(cpu1, cpu2):.0f} µs/job, wall {(t2 - t1) * 1e6 / N:.0f} µs/job")
+          f"{per_job(cpu1, cpu2):.0f} µs/job, wall {(t2 - t1) * 1e6 / N:.0f} µs/job; redis "
+          f"memory {memory:.0f} B/job kept")
 
 
 if __name__ == "__main__":

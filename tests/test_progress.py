@@ -23,8 +23,8 @@ import pytest
 import redis
 from playwright.sync_api import expect
 
-from store import Client, Keys
-from tests.conftest import ROOT, Procs, RedisServer, free_port, wait_until
+from store import HISTORY, Client, Keys
+from tests.conftest import ROOT, Procs, RedisServer, Subscription, free_port, wait_until
 
 Message = tuple[int, str]  # (seq, the message as sent)
 
@@ -53,13 +53,14 @@ def spec(**fields: Any) -> str:
     return json.dumps(fields)
 
 
-def history(r: Client, prefix: str, job_id: str) -> list[Message]:
+def history(r: Client, prefix: str, job_id: str, queue: str = "default") -> list[Message]:
     """What the job's history holds: every message ever sent about it that it keeps, in
-    order."""
-    keys = Keys(prefix)
-    dropped = int(r.hget(keys.job(job_id), "dropped") or 0)
-    entries: list[str] = r.lrange(keys.history(job_id), 0, -1)  # type: ignore[assignment]
-    return [(dropped + n + 1, data) for n, data in enumerate(entries)]
+    order (as the server reads it: a lazy job's are rebuilt)."""
+    keys = Keys(prefix, queue)
+    reply = r.register_script(HISTORY)(keys=[keys.job(job_id), keys.history(job_id)],
+                                       args=[keys.prefix, "", 0, job_id, 0, 1_000_000])
+    first, entries = int(reply[0]), reply[1:]
+    return [(first + n, data) for n, data in enumerate(entries)]
 
 
 async def ws_messages(session: aiohttp.ClientSession, base: str, job_id: str,
@@ -172,6 +173,55 @@ def test_a_job_that_emits_nothing_has_only_its_states(procs: Procs, server: str)
         ("state", "queued", 1), ("state", "running", 2), ("state", "done", 3)]
     # Without after: the current state first (with its seq), as before.
     assert decoded(read(server, job_id)) == [got[-1]]
+
+
+@pytest.mark.cluster
+def test_a_silent_job_stores_no_history_and_every_path_replays_byte_for_byte(
+        procs: Procs, server: str, r: Client, prefix: str, tmp_path: Path) -> None:
+    """A job that only goes queued, running, ended stores no history: its messages are rebuilt
+    from its hash (it costs what it did before histories). Every other path stores them from
+    where it leaves that one. Either way the history is exactly what was published."""
+    queues = {name: Keys(prefix, name) for name in ("default", "again", "idle")}
+    published = {name: Subscription(r, keys.events) for name, keys in queues.items()}
+    procs.worker("--handler", "handlers:fails_once", "--max-attempts", "1")
+    procs.worker("--handler", "handlers:fails_once", "--queues", "again")
+    (tmp_path / "seen").touch()
+    jobs = {  # name: (queue, id)
+        "plain": ("default", submit(server, str(tmp_path / "seen"))),  # done at once
+        "failed": ("default", submit(server, str(tmp_path / "once"))),  # fails: 1 attempt
+        "retried": ("again", str(post(server, "/submit", {
+            "input": str(tmp_path / "twice"), "queue": "again"})["id"])),  # done at the 2nd
+        "cancelled": ("idle", str(post(server, "/submit", {
+            "input": "no worker takes it", "queue": "idle"})["id"])),
+    }
+    assert decoded(read(server, jobs["failed"][1]))[-1]["status"] == "failed"
+    post(server, f"/jobs/{jobs['failed'][1]}/retry")  # by hand: its second try is done
+    post(server, f"/jobs/{jobs['cancelled'][1]}/cancel?queue=idle")
+    assert decoded(read(server, jobs["failed"][1]))[-1]["status"] == "done"
+    wait_until(lambda: all(
+        json.loads(history(r, prefix, job_id, queue)[-1][1])["status"] in ("done", "cancelled")
+        for queue, job_id in jobs.values()), what="every job to end")
+    sent: dict[str, list[Message]] = {job_id: [] for _, job_id in jobs.values()}
+    for subscription in published.values():
+        while (message := subscription.get(timeout=1)) is not None:
+            data = message["data"]
+            sent[json.loads(data)["id"]].append((json.loads(data)["seq"], data))
+    statuses = {name: [json.loads(data)["status"] for _, data in sent[job_id]]
+                for name, (_, job_id) in jobs.items()}
+    assert statuses == {"plain": ["queued", "running", "done"],
+                        "failed": ["queued", "running", "failed", "queued", "running", "done"],
+                        "retried": ["queued", "running", "delayed", "queued", "running", "done"],
+                        "cancelled": ["queued", "cancelled"]}
+    for name, (queue, job_id) in jobs.items():
+        assert_whole(sent[job_id])
+        assert history(r, prefix, job_id, queue) == sent[job_id], name
+        stored = r.exists(queues[queue].history(job_id)) == 1
+        assert stored == (name in ("failed", "retried")), name
+    for name in ("plain", "failed"):  # and so a watcher gets them, after any of them
+        job_id = jobs[name][1]
+        for after in range(len(sent[job_id])):
+            assert read(server, job_id, after=after) == sent[job_id][after:], (name, after)
+        assert read(server, job_id, "sse", after=1) == sent[job_id][1:]
 
 
 @pytest.mark.cluster
