@@ -319,8 +319,8 @@ def test_an_every_second_schedule_makes_one_job_a_tick_while_processes_die(
 
 def scheduled_jobs(r: Any, prefix: str, name: str) -> list[dict[str, str]]:
     keys = Keys(prefix)
-    ids = [i for state in ("queued", "running", "done", "failed")
-           for i in r.zrange(keys.index(state), 0, -1)]
+    ids = dict.fromkeys(i for state in ("queued", "running", "done", "failed")  # a job that
+                        for i in r.zrange(keys.index(state), 0, -1))  # moved between reads: once
     return [j for j in (job(r, prefix, i) for i in ids) if j.get("schedule") == name]
 
 
