@@ -16,7 +16,10 @@ every result is read back; how many jobs it has yet to finish, read from its own
 bench runs each system's producer and workers as processes of that venv's python (ours: of
 this Python; its producer submits over HTTP, POST /submit, to our server). Where the API is
 async (ours, arq, SAQ, streaq, taskiq, BullMQ) 64 enqueues are in flight at once; RQ, Celery,
-Dramatiq and huey enqueue one after another, as their APIs do. One worker, at its defaults:
+Dramatiq and huey enqueue one after another, as their APIs do. The row ours-py is ours
+enqueueing through client.enqueue (the server's SUBMIT script, run on Redis by the producer
+itself: no HTTP, and no server running, as for a peer), one job after another, as its API is
+synchronous. One worker, at its defaults:
 - ours: worker.py, 1 process, 10 slots (a line logged per job, at INFO, as by default);
 - arq: its worker, max_jobs 10; RQ: SimpleWorker (no fork per job, as arq and SAQ), 1 job at
   once; SAQ: its Worker, concurrency 10; streaq: its Worker, concurrency 16; BullMQ for
@@ -384,6 +387,19 @@ class Ours:
         return proc
 
 
+class OursPython(Ours):
+    """Ours, enqueueing with client.enqueue (SUBMIT run on Redis itself: no HTTP, and no server
+    running, as a peer has none); its workers are ours."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port, 0)
+        self.name = "ours-py"
+
+    def producer(self) -> Producer:
+        env = {**self.env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+        return Producer(sys.executable, ["ours-py", "--url", self.env["REDIS_URL"]], env)
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     """Kill each process and its children (some peers' workers start processes of their own,
     in sessions of their own), by pid."""
@@ -692,14 +708,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="N of the I/O-bound table (default %(default)s)")
     parser.add_argument("--watchers", type=int, default=10_000,
                         help="WebSocket watchers for fan-out (default %(default)s)")
-    parser.add_argument("--only", choices=(*TABLES, "ours", *PEERS), action="append",
+    parser.add_argument("--only", choices=(*TABLES, "ours", "ours-py", *PEERS), action="append",
                         help="measure one table (cluster: ours on one Redis and on local "
                              "Redis Clusters, and a scaling model: see the docstring), or one "
                              "system, only; may be repeated (--only io --only celery)")
     args = parser.parse_args(argv)
     only = set(args.only or ())
     tables = [t for t in TABLES if not only & set(TABLES) or t in only]
-    names = [s for s in ("ours", *PEERS) if not only - set(TABLES) or s in only]
+    names = [s for s in ("ours", "ours-py", *PEERS) if not only - set(TABLES) or s in only]
 
     clustered = cluster_rows(args.jobs) if "cluster" in tables and "ours" in names else []
     redis_proc, port = start_redis()
@@ -713,9 +729,14 @@ def main(argv: list[str] | None = None) -> None:
         if "cpu" in tables:
             for name in names:
                 print(f"bench: {name} ...", file=sys.stderr, flush=True)
-                system = ours if name == "ours" else Peer(name, url)
+                system = ours if name == "ours" else OursPython(port) if name == "ours-py" \
+                    else Peer(name, url)
+                if name == "ours-py":
+                    stop([server])  # not needed by client.enqueue: no server, as for a peer
                 rows.append((name, measure(system, r, args.jobs, redis_proc.pid,
                                            server.pid if name == "ours" else None)))
+                if name == "ours-py":
+                    server = ours.start_server()
         if "cpu" in tables and "ours" in names:
             r.flushall()
             worker_proc = ours.start_workers(1)
@@ -789,8 +810,8 @@ def cpu_columns(m: dict[str, float]) -> str:
 
 def worker_is(name: str) -> str:
     """What one worker command of the system is, at its defaults."""
-    if name == "ours":
-        return "ours 1 process, 10 slots"
+    if name.startswith("ours"):
+        return f"{name} 1 process, 10 slots"
     adapter = ADAPTERS[name]
     return f"{name} {adapter.worker_shape}"
 

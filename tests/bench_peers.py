@@ -13,7 +13,9 @@ back the result of every job enqueued since the last check, through the system's
 API, and answers "checked N" if each is its text upper-cased ("wrong: ..." if not). The
 adapters import their library inside their methods: the bench's own process imports this
 module for the names, versions and key counts alone. Ours (name "ours") submits over HTTP with
-the bench's own Python; its URL is the server's.
+the bench's own Python; its URL is the server's. "ours-py" enqueues with client.enqueue, the
+Python producer that runs the server's SUBMIT script on Redis itself (no HTTP, as the peers
+enqueue); its URL is Redis's.
 """
 
 from __future__ import annotations
@@ -152,6 +154,36 @@ class Ours(Adapter):
             async with self.session.get(f"{self.url}/status", params={"id": job_id}) as resp:
                 return str((await resp.json()).get("result"))
         return await in_batches(handles, read)
+
+
+class OursPython(Ours):
+    """client.enqueue(text, redis_url=...): one after another, as its API is synchronous (as
+    RQ's, Celery's, Dramatiq's and huey's); results read from the jobs' hashes in Redis (what
+    GET /status reads: there is no server here)."""
+
+    name = "ours-py"
+
+    async def open(self) -> None:
+        self.redis = redis.Redis.from_url(self.url, decode_responses=True)
+
+    async def close(self) -> None:
+        self.redis.close()
+
+    async def enqueue(self, texts: list[str]) -> list[Any]:
+        import client
+
+        def run() -> list[str]:
+            jobs = [client.enqueue(text, redis_url=self.url) for text in texts]
+            return [str(job["id"]) for job in jobs if isinstance(job, dict)]
+        return await asyncio.to_thread(run)
+
+    async def results(self, handles: list[Any]) -> list[str]:
+        import store
+        keys = store.Keys()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in handles:
+                pipe.hget(keys.job(job_id), "result")
+            return [str(result) for result in pipe.execute()]
 
 
 class Arq(Adapter):
@@ -531,8 +563,8 @@ class Bullmq(Adapter):
 
 
 ADAPTERS: dict[str, type[Adapter]] = {a.name: a for a in (
-    Ours, Arq, RQ, Saq, CeleryPeer, Dramatiq, Streaq, Taskiq, Huey, Bullmq)}
-PEERS = tuple(name for name in ADAPTERS if name != "ours")
+    Ours, OursPython, Arq, RQ, Saq, CeleryPeer, Dramatiq, Streaq, Taskiq, Huey, Bullmq)}
+PEERS = tuple(name for name in ADAPTERS if not name.startswith("ours"))
 
 
 async def produce(adapter: Adapter, answer: Callable[[str], None]) -> None:
@@ -563,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("role", choices=("produce", "work"), help="producer or worker")
     parser.add_argument("name", choices=ADAPTERS, help="the system")
-    parser.add_argument("--url", required=True, help="Redis URL (ours: the server's)")
+    parser.add_argument("--url", required=True, help="Redis URL (ours: the server's URL)")
     parser.add_argument("--function", choices=FUNCTIONS, default="upper",
                         help="the job the producer enqueues (default %(default)s)")
     parser.add_argument("--concurrency", type=int,
