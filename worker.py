@@ -11,7 +11,8 @@ job with one Lua script that decides which job runs (the highest priority first,
 a priority in turn, none that a pause or a limit holds back) and moves it into a processing list
 of the slot's own; when none may start, the slot blocks on Redis (BLPOP) until a change wakes
 it or a rate limit frees. Each job is finished with one script (status, result, removal from the
-list, expiry, publish), which also takes the slot's next job. With --queues, each slot waits on
+list, expiry, publish), which also takes the slot's next job (none: the slot waits again at
+once, without another take). With --queues, each slot waits on
 one of them in turn, and takes from the others when its own has nothing to start.
 A handler may report as it runs: one that takes a second parameter gets the job's Context
 (ctx.progress(done, total=None, message=""), ctx.emit(text)); a generator (plain or async)
@@ -169,6 +170,7 @@ class Slot:
         self.processing = keys.processing(name)
         self.taken_from = keys  # the queue of the job it took last
         self.waits: tuple[Keys, float] = (keys, -1.0)  # with none taken: where, how long
+        self.empty = False  # finishing found its only queue empty: wait, no take first
         self.retake: Keys | None = None  # the queue whose take's reply was lost
         self.lock = threading.Lock()  # the slot's runner and the keeper
         self.job: Job | None = None
@@ -667,7 +669,12 @@ class Worker:
         if not held:
             log.warning("job %s: this try was no longer the slot's (reclaimed, or timed out); "
                         "dropping its result", job.id)
-        return Job.taken(taken)[0] if taken else None
+        if not taken:
+            return None
+        next_job, why = Job.taken(taken)
+        if why == EMPTY and len(slot.queues) == 1:  # a take now would find it empty again
+            slot.empty, slot.waits = True, (keys, -1.0)
+        return next_job
 
     def replicated(self, job: Job, script: Script, keys: list[str],
                    args: list[str | int | float]) -> Any:
@@ -912,7 +919,8 @@ class Worker:
         try:
             while not self.stopping:
                 try:
-                    job = self.take(slot)
+                    job = None if slot.empty else self.take(slot)
+                    slot.empty = False
                     if job is None:
                         self.wait_for_work(slot)
                     while job is not None:

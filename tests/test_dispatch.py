@@ -8,6 +8,7 @@ test_dispatch_api.py)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -21,9 +22,9 @@ from typing import Any
 import pytest
 import redis
 
-from store import RETENTION, SETTINGS, SUBMIT, Client, Job, Keys, new_jobs, submit_args
+from store import RETENTION, SETTINGS, SUBMIT, TAKE, Client, Job, Keys, new_jobs, submit_args
 from tests import handlers
-from tests.conftest import Procs, RedisServer, job, wait_until
+from tests.conftest import Procs, RedisServer, enqueue, job, wait_until
 from worker import Worker
 
 
@@ -270,6 +271,41 @@ def test_an_idle_worker_sends_only_its_blocking_waits_and_bookkeeping(
                 seen[command["command"].split()[0].upper()] += 1
         assert seen["BLPOP"] + seen["EVALSHA"] <= 3 * (4 + 1 + 1 + 1) + 2, seen
         assert set(seen) <= {"BLPOP", "EVALSHA", "HELLO", "CLIENT", "PING"}, seen  # + connecting
+    finally:
+        procs.stop_all()
+        r.close()
+
+
+def test_a_job_that_comes_to_an_idle_slot_costs_a_wake_up_a_take_and_a_finish(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    """Jobs coming one at a time to a worker of one slot: each is the slot's wake-up (BLPOP),
+    one TAKE, and its FINISH, which finds the queue empty and so sends the slot back to its
+    wait without another take (the TAKE scripts counted with MONITOR; a take after each
+    finish would make 2 per job)."""
+    r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    procs = Procs(own_redis.url, "{trickle}", tmp_path)
+    take = r.register_script(TAKE).sha
+    n = 10
+    try:
+        procs.worker("--concurrency", "1")
+
+        def waiting() -> bool:
+            return any(c["cmd"] == "blpop" for c in r.client_list())
+
+        def done(job_id: str) -> bool:
+            return job(r, "{trickle}", job_id).get("status") == "done" and waiting()
+        wait_until(waiting, what="the slot to wait")
+        with r.monitor() as monitor:
+            for i in range(n):
+                job_id = enqueue(r, "{trickle}", f"job {i}")
+                wait_until(functools.partial(done, job_id), what=f"job {i} done, the slot waiting")
+            r.echo("the end")
+            takes = 0
+            for command in monitor.listen():
+                if command["command"] == "ECHO the end":
+                    break
+                takes += command["command"].startswith(f"EVALSHA {take}")
+        assert n <= takes <= n + 2, takes  # (+2: the keeper may wake the slot for a job queued)
     finally:
         procs.stop_all()
         r.close()
