@@ -20,7 +20,7 @@ Dramatiq and huey enqueue one after another, as their APIs do. The row ours-py i
 enqueueing through client.enqueue (the server's SUBMIT script, run on Redis by the producer
 itself: no HTTP, and no server running, as for a peer), one job after another, as its API is
 synchronous. One worker, at its defaults:
-- ours: worker.py, 1 process, 32 slots (a line logged per job, at INFO, as by default);
+- ours: worker.py, 1 process, 16 slots (a line logged per job, at INFO, as by default);
 - arq: its worker, max_jobs 10; RQ: SimpleWorker (no fork per job, as arq and SAQ), 1 job at
   once; SAQ: its Worker, concurrency 10; streaq: its Worker, concurrency 16; BullMQ for
   Python: a Worker, concurrency 1; huey: RedisHuey's consumer, 1 worker thread;
@@ -62,7 +62,7 @@ The CPU-trivial table (--only cpu for it alone): the job upper-cases a string.
 The I/O-bound table (--only io for it alone): the job waits 20 ms (time.sleep in a plain
 handler: ours plain, RQ, Celery, Dramatiq, huey; asyncio.sleep in an async one: ours async,
 arq, SAQ, streaq, taskiq, BullMQ), then upper-cases the string. 2 workers, run as for end to
-end with --io-jobs jobs. Ours plain and async at 32 (the default) and 100 jobs at once per
+end with --io-jobs jobs. Ours plain and async at 16 (the default) and 100 jobs at once per
 worker; each peer at its defaults and, where it has a setting for it, at 100 at once per
 worker: arq max_jobs,
 SAQ, streaq and BullMQ concurrency, Celery --pool threads --concurrency 100, Dramatiq
@@ -514,11 +514,11 @@ def measure_io(system: Ours | Peer, r: redis.Redis, n: int, redis_pid: int,
 
 def io_rows(ours: Ours, url: str, names: list[str]) -> list[tuple[str, Ours | Peer, int]]:
     """The I/O-bound table's rows: (label, system, jobs each worker runs at once); ours plain
-    and async at 32 (the default) and 100, each peer at its defaults and, where it has a setting
+    and async at 16 (the default) and 100, each peer at its defaults and, where it has a setting
     for it, at 100 at once."""
     rows: list[tuple[str, Ours | Peer, int]] = []
     if "ours" in names:
-        for concurrency in (32, 100):
+        for concurrency in (16, 100):
             rows += [(f"ours {kind} N={concurrency}",
                       ours.with_worker(f"bench_peers:{handler}", concurrency), concurrency)
                      for kind, handler in (("plain", "wait_20ms"), ("async", "await_20ms"))]
@@ -812,7 +812,7 @@ def cpu_columns(m: dict[str, float]) -> str:
 def worker_is(name: str) -> str:
     """What one worker command of the system is, at its defaults."""
     if name.startswith("ours"):
-        return f"{name} 1 process, 32 slots"
+        return f"{name} 1 process, 16 slots"
     adapter = ADAPTERS[name]
     return f"{name} {adapter.worker_shape}"
 
