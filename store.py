@@ -197,24 +197,26 @@ local function state_message(id, f, seq)
     .. ',"attempts":' .. (tonumber(f[4]) or 0) .. ',"updated":' .. cjson.encode(f[5])
     .. ',"version":' .. (tonumber(f[6]) or 0) .. ',"seq":' .. seq .. '}'
 end
--- Message n of a lazy job: queued at `created`, running at `started`, or its last (its hash).
-local function rebuilt(id, n)
+-- A lazy job's messages from..to (to: at most its last), from one read of its hash: queued at
+-- `created`, running at `started`, the last as the hash is now.
+local function rebuilt(id, from, to)
   local f = redis.call('HMGET', job_key(id), 'status', 'result', 'error', 'attempts', 'updated',
                        'version', 'seq', 'created', 'started')
-  if n == tonumber(f[7]) then return state_message(id, f, n) end
-  if n == 1 then return state_message(id, {'queued', '', '', 0, f[8], 1}, 1) end
-  return state_message(id, {'running', '', '', 1, f[9], 2}, 2)
+  local last, out = tonumber(f[7]), {}
+  for n = from, math.min(to, last) do
+    out[#out + 1] = n == last and state_message(id, f, n)
+      or n == 1 and state_message(id, {'queued', '', '', 0, f[8], 1}, 1)
+      or state_message(id, {'running', '', '', 1, f[9], 2}, 2)
+  end
+  return out
 end
 -- A lazy job's messages so far go to its history, and from now on every one (see above).
 local function materialize(id)
-  local key = job_key(id)
-  if not redis.call('HGET', key, 'lazy') then return end
-  local history = P .. ':history:' .. id
-  for n = 1, tonumber(redis.call('HGET', key, 'seq')) do
-    redis.call('RPUSH', history, rebuilt(id, n))
-  end
-  redis.call('HDEL', key, 'lazy', 'started')
+  if not redis.call('HGET', job_key(id), 'lazy') then return end
+  redis.call('RPUSH', P .. ':history:' .. id, unpack(rebuilt(id, 1, math.huge)))
+  redis.call('HDEL', job_key(id), 'lazy', 'started')
 end
+local ENDED = {done = true, failed = true, cancelled = true}
 local function emit(id)
   local key, history = job_key(id), P .. ':history:' .. id
   local f = redis.call('HMGET', key, 'status', 'result', 'error', 'attempts', 'updated',
@@ -225,7 +227,7 @@ local function emit(id)
     if f[1] == 'running' then redis.call('HSET', key, 'started', f[5]) end
   else
     redis.call('RPUSH', history, m)
-    if f[1] == 'done' or f[1] == 'failed' or f[1] == 'cancelled' then
+    if ENDED[f[1]] then
       redis.call('EXPIRE', history, RETENTION)  -- the history expires with the job
     end
   end
@@ -238,10 +240,10 @@ local function bump(id, status)
   local f = redis.call('HMGET', key, 'status', 'worker', 'cancel_requested', 'group', 'lazy',
                       'seq')
   local old = f[1]
-  if f[5] and not (old == 'queued' and f[6] == '1' and (status == 'running'
-                                                        or status == 'cancelled')
-                   or old == 'running' and f[6] == '2' and (status == 'done'
-                      or status == 'failed' or status == 'cancelled')) then
+  local rebuildable = old == 'queued' and f[6] == '1' and (status == 'running'
+                                                           or status == 'cancelled')
+                      or old == 'running' and f[6] == '2' and ENDED[status]
+  if f[5] and not rebuildable then
     materialize(id)  -- off the path whose messages can be rebuilt: stored from now on
   end
   if old then redis.call('ZREM', P .. ':index:' .. old, id) end
@@ -985,21 +987,15 @@ return seq
 # ...} ({} if there is no job). The first may be later than after + 1: those between were
 # dropped (see OUTPUT). A lazy job's are rebuilt (see emit()).
 HISTORY = READS + LUA_PRELUDE + """
-local f = redis.call('HMGET', KEYS[1], 'status', 'dropped', 'lazy', 'seq')
+local f = redis.call('HMGET', KEYS[1], 'status', 'dropped', 'lazy')
 if not f[1] then return {} end
 local dropped = tonumber(f[2]) or 0
 local first, count = math.max(tonumber(ARGV[5]) + 1, dropped + 1), tonumber(ARGV[6])
 local out = {first}
-if f[3] then  -- a lazy job's messages: rebuilt
-  for n = first, math.min(tonumber(f[4]), first + count - 1) do
-    out[#out + 1] = rebuilt(ARGV[4], n)
-  end
-  return out
-end
 local from = first - dropped - 1
-for _, m in ipairs(redis.call('LRANGE', KEYS[2], from, from + count - 1)) do
-  out[#out + 1] = m
-end
+local messages = f[3] and rebuilt(ARGV[4], first, first + count - 1)  -- a lazy job's
+                 or redis.call('LRANGE', KEYS[2], from, from + count - 1)
+for _, m in ipairs(messages) do out[#out + 1] = m end
 return out
 """
 
