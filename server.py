@@ -45,8 +45,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from redis.asyncio import cluster as redis_cluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 from store import (
     CANCEL,
@@ -460,6 +461,68 @@ class Scripts:
         self.unlock = redis.register_script(UNLOCK)
 
 
+class Submits:
+    """SUBMIT for the requests that submit: those that reach it in the same turn of the event
+    loop go to their queue's node in one pipeline (one connection taken from the pool, one
+    write, one wake-up for every reply), and with --min-replicas one WAIT confirms them all."""
+
+    def __init__(self, nodes: Nodes, script: AsyncScript, replicas: int) -> None:
+        self.nodes, self.script, self.replicas = nodes, script, replicas
+        self.waiting: dict[str, list[tuple[list[Any], asyncio.Future[tuple[Any, int]]]]] = {}
+        self.sending: set[asyncio.Task[None]] = set()
+
+    async def run(self, key: str, args: list[Any]) -> tuple[Any, int]:
+        """SUBMIT's reply for these arguments (key: the queue's list), and how many replicas
+        acknowledged it (0 without --min-replicas)."""
+        if key not in self.waiting:  # the first of a batch: it is sent on the loop's next turn
+            self.waiting[key] = []
+            task = asyncio.create_task(self.send(key))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[key].append((args, future))
+        reply, acked = await future
+        return reply, acked
+
+    async def send(self, key: str) -> None:
+        batch = self.waiting.pop(key)
+        try:
+            replies = await self.pipelined(key, [args for args, _ in batch])
+        except Exception as exc:  # the connection's: each request answers it (a 503)
+            replies = [exc] * len(batch)
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its request was cancelled meanwhile
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def pipelined(self, key: str, batch: list[list[Any]], again: bool = True) -> list[Any]:
+        """One (reply, acked) or an error per SUBMIT. A script that Redis has lost (restarted,
+        or SCRIPT FLUSH) is loaded again, and what that refused sent again: none of it ran."""
+        try:
+            async with (await self.nodes.of(key)).pipeline(transaction=False) as pipe:
+                for args in batch:
+                    pipe.evalsha(self.script.sha, 1, key, *args)
+                if self.replicas:
+                    pipe.execute_command("WAIT", self.replicas, WAIT_MS)
+                replies = await pipe.execute(raise_on_error=False)
+        except REDIS_ERRORS as exc:  # on a cluster, the node may have died or lost the slot
+            await self.nodes.refresh(exc)
+            raise
+        acked = replies.pop() if self.replicas else 0
+        if isinstance(acked, Exception):
+            raise acked
+        out = [reply if isinstance(reply, Exception) else (reply, acked) for reply in replies]
+        if again and (lost := [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]):
+            await (await self.nodes.of(key)).script_load(self.script.script)
+            for i, reply in zip(lost, await self.pipelined(key, [batch[i] for i in lost], False),
+                                strict=True):
+                out[i] = reply
+        return out
+
+
 class Pinger:
     """Pings every open WebSocket from one loop, and drops a peer that has not answered the
     previous round's ping by the next. One timer for the whole server: aiohttp's own heartbeat
@@ -504,7 +567,7 @@ async def ping(ws: web.WebSocketResponse) -> None:
 
 
 REDIS = web.AppKey[AsyncClient]("redis")
-NODES = web.AppKey("nodes", Nodes)  # of REDIS: for a write and its WAIT on one connection
+SUBMITS = web.AppKey("submits", Submits)
 HUB = web.AppKey("hub", Hub)
 ORIGINS = web.AppKey("origins", frozenset)
 SCRIPTS = web.AppKey("scripts", Scripts)
@@ -667,16 +730,12 @@ async def submit(request: web.Request) -> web.Response:
     jobs = new_jobs(asked.texts, due, keys.name, asked.priority, asked.group, asked.expires_in)
     args = submit_args(keys.prefix, request.app[RETENTION_S], jobs, due, idempotency)
     await request.app[HUB].register(keys)
-    if not (wanted := request.app[MIN_REPLICAS]):
-        reply = await request.app[SCRIPTS].submit(keys=[keys.queue], args=args)
-    else:
-        reply, acked = await request.app[NODES].run_and_wait(request.app[SCRIPTS].submit,
-                                                             [keys.queue], args, wanted)
-        if acked < wanted:
-            raise error(web.HTTPServiceUnavailable,
-                        f"the job was not confirmed by {wanted} replica(s) of Redis within "
-                        f"{WAIT_MS} ms, so it is not accepted: a failover could lose it. It may "
-                        f"still run; submit again (it may then run twice) or check its status")
+    reply, acked = await request.app[SUBMITS].run(keys.queue, args)
+    if acked < (wanted := request.app[MIN_REPLICAS]):
+        raise error(web.HTTPServiceUnavailable,
+                    f"the job was not confirmed by {wanted} replica(s) of Redis within "
+                    f"{WAIT_MS} ms, so it is not accepted: a failover could lose it. It may "
+                    f"still run; submit again (it may then run twice) or check its status")
     if reply[0]:
         return await replayed(request, keys, reply, "inputs" in data)
     if "inputs" in data:
@@ -1512,9 +1571,9 @@ def make_app(
     async def redis_client(app: web.Application) -> AsyncIterator[None]:
         app[REDIS] = connect_async(redis_url, **options)
         app[SCRIPTS] = Scripts(app[REDIS])
-        app[NODES] = Nodes(app[REDIS], POOL_WAIT)
+        app[SUBMITS] = Submits(Nodes(app[REDIS], POOL_WAIT), app[SCRIPTS].submit, min_replicas)
         yield
-        await app[NODES].aclose()
+        await app[SUBMITS].nodes.aclose()
         await app[REDIS].aclose()
 
     async def listener(app: web.Application) -> AsyncIterator[None]:

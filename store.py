@@ -27,7 +27,6 @@ import redis.asyncio.cluster
 import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
-from redis.commands.core import AsyncScript
 from redis.connection import parse_url
 
 PREFIX = "{jobs}"  # the braces are a Redis Cluster hash tag: a queue's keys share one slot
@@ -1634,21 +1633,6 @@ class Nodes:
                     connection_class=node.connection_class, max_connections=node.max_connections,
                     timeout=self.wait, **node.connection_kwargs))
         return found
-
-    async def run_and_wait(self, script: AsyncScript, keys: list[str], args: list[Any],
-                           replicas: int) -> tuple[Any, int]:
-        """Run script, then WAIT for that many replicas to have its writes, on one connection
-        of the node of keys[0] (WAIT counts its own connection's writes): (its reply, the
-        replicas that acknowledged within WAIT_MS)."""
-        try:
-            async with (await self.of(keys[0])).pipeline(transaction=False) as pipe:
-                await script(keys=keys, args=args, client=pipe)
-                pipe.execute_command("WAIT", replicas, WAIT_MS)
-                reply, acked = await pipe.execute()
-        except REDIS_ERRORS as exc:  # on a cluster, the node may have died or lost the slot
-            await self.refresh(exc)
-            raise
-        return reply, acked
 
     async def refresh(self, after: Exception) -> None:
         """After an error from a node: if it says the node is gone or no longer holds the slot,

@@ -18,7 +18,8 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from store import Client as RedisClient
-from store import Keys, on_node
+from server import SUBMITS
+from store import Keys, new_jobs, on_node, submit_args
 from tests.conftest import RedisServer, free_port, subscribed, wait_until
 from worker import Worker
 
@@ -90,6 +91,35 @@ async def test_submit_stores_and_queues_the_job(client: Client, r: RedisClient,
 async def test_ids_are_unique(client: Client) -> None:
     jobs = await asyncio.gather(*(submit(client) for _ in range(50)))
     assert len({job["id"] for job in jobs}) == 50
+
+
+@pytest.mark.cluster
+async def test_submits_that_meet_share_one_pipeline_and_a_lost_script_is_loaded_again(
+        client: Client, r: RedisClient, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 submits in one turn of the loop reach Redis as one pipeline, each answered with its
+    own job. After SCRIPT FLUSH (as after a restart), what Redis refused is sent once more, and
+    stored once."""
+    submits, keys = client.server.app[SUBMITS], Keys(prefix)
+    pipelines: list[int] = []
+    pipelined = submits.pipelined
+
+    async def counted(key: str, batch: list[list[Any]], again: bool = True) -> list[Any]:
+        pipelines.append(len(batch))
+        return await pipelined(key, batch, again)
+
+    monkeypatch.setattr(submits, "pipelined", counted)
+    for flush, sent in ((True, [20, 20]), (False, [20])):
+        if flush:
+            r.script_flush()
+        pipelines.clear()
+        jobs = [new_jobs([f"t{i}"]) for i in range(20)]
+        replies = await asyncio.gather(*(submits.run(keys.queue, submit_args(
+            prefix, 60, job, None)) for job in jobs))
+        assert pipelines == sent
+        assert replies == [([0], 0)] * 20
+        for job in jobs:
+            assert r.hget(keys.job(str(job[0]["id"])), "input") == job[0]["input"]
+    assert r.llen(keys.queue) == 40
 
 
 @pytest.mark.cluster
