@@ -47,7 +47,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
+from redis.exceptions import MovedError, NoScriptError, OutOfMemoryError, ResponseError
 
 from store import (
     CANCEL,
@@ -117,6 +117,8 @@ PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 IDEMPOTENCY_TTL = 86_400  # seconds an Idempotency-Key is remembered
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")  # printable ASCII
 FEED_EVERY = 0.25  # seconds between the batches of /feed
+LINGER = 10.0  # seconds a queue nobody watches stays followed (one who watches job after job)
+FEED_SUBSCRIBE = 2.0  # seconds a /feed waits for its subscriptions before it opens, at most
 FEED_MAX = 500  # jobs in one batch at most: the newest changed (the page shows fewer)
 FEED_CUT = 256  # characters of a result or an error a /feed message carries at most
 FEED_STALL = 10.0  # seconds a /feed write may wait on a reader before it is cut off
@@ -238,9 +240,10 @@ class Topic:
 
 
 class Hub:
-    """A pub/sub subscription per queue it follows (the default, those its watchers watch, and
-    for /feed all in the registry), on the node that holds the queue's slot; each message fanned
-    out to the watchers of that job."""
+    """A pub/sub subscription per queue it follows: those whose jobs somebody watches, and while
+    a /feed is open all in the registry; on the node that holds the queue's slot, each message
+    fanned out to the watchers of that job. A queue nobody watches for LINGER s is let go: its
+    messages would cost this server a read and a parse each, for nobody."""
 
     def __init__(self, redis: AsyncClient, nodes: Nodes, prefix: str) -> None:
         self.redis = redis
@@ -248,12 +251,13 @@ class Hub:
         self.prefix = prefix
         self.queues: dict[str, Keys] = {}  # by name
         self.listeners: dict[str, asyncio.Task[None]] = {}  # followed, by queue name
+        self.subscribed: dict[str, asyncio.Event] = {}  # ... set once its subscription is
+        self.unwatched: dict[str, float] = {}  # followed queues nobody watches: since when
         self.topics: dict[tuple[str, str], Topic] = {}  # by queue and job id
         self.feeds: set[Watcher] = set()  # /feed streams: every change, in batches
         self.batch: dict[str, str] = {}  # the newest message of each job changed since the last
-        self.queues[DEFAULT_QUEUE] = default = Keys(prefix)
+        self.queues[DEFAULT_QUEUE] = Keys(prefix)
         self.history = redis.register_script(HISTORY)  # a job's messages after one (Stream)
-        self.follow(default)
 
     def queue(self, name: str) -> Keys:
         """A queue's keys (made anew for a name not registered: names come from requests)."""
@@ -274,15 +278,39 @@ class Hub:
             self.queues[keys.name] = keys
 
     def follow(self, keys: Keys) -> None:
-        """Subscribe to a queue's events from now on, for as long as the server runs."""
+        """Subscribe to a queue's events from now on, for as long as somebody watches it."""
         if keys.name not in self.listeners:
-            self.listeners[keys.name] = asyncio.create_task(self.listen(keys))
+            self.subscribed[keys.name] = subscribed = asyncio.Event()
+            self.listeners[keys.name] = asyncio.create_task(self.listen(keys, subscribed))
 
-    async def follow_all(self) -> None:
-        """Follow every queue in the registry (for /feed)."""
+    async def learn_queues(self) -> None:
+        """Know every queue in the registry (those of other servers' submits too)."""
         for name in await self.redis.smembers(Keys(self.prefix).registry):
             self.queues.setdefault(str(name), Keys(self.prefix, str(name)))
-            self.follow(self.queues[str(name)])
+
+    async def follow_all(self, within: float = 0.0) -> None:
+        """Follow every queue in the registry (for /feed); and wait up to `within` s for the
+        subscriptions (a change before one is confirmed would reach no feed)."""
+        await self.learn_queues()
+        for keys in self.queues.values():
+            self.follow(keys)
+        if within:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(
+                    *(event.wait() for event in self.subscribed.values())), within)
+
+    async def let_go(self) -> None:
+        """Stop following the queues nobody has watched for LINGER s (no watcher of any of
+        their jobs, no /feed open)."""
+        watched = set(self.listeners) if self.feeds else {name for name, _ in self.topics}
+        now = time.monotonic()
+        for name in list(self.listeners):
+            if name in watched:
+                self.unwatched.pop(name, None)
+            elif now - self.unwatched.setdefault(name, now) >= LINGER:
+                del self.unwatched[name], self.subscribed[name]
+                with contextlib.suppress(Exception):  # its own error: it is stopping anyway
+                    await cancel_and_wait(self.listeners.pop(name))
 
     def watchers(self) -> int:
         return sum(len(topic.watchers) for topic in self.topics.values()) + len(self.feeds)
@@ -290,11 +318,12 @@ class Hub:
     async def send_batches(self, every: float) -> None:
         """Every `every` seconds, send the feeds what changed since: one JSON array, encoded
         once for all, so a busy queue cannot swamp a browser. Every 5 s with feeds, follow the
-        queues registered meanwhile."""
+        queues registered meanwhile. Each round, let go of the queues nobody watches."""
         rounds = 0
         while True:
             await asyncio.sleep(every)
             rounds += 1
+            await self.let_go()
             if self.feeds and rounds % max(int(5 / every), 1) == 0:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self.follow_all()
@@ -309,7 +338,7 @@ class Hub:
         """Register a watcher, then note the job's state in it (`first`) and the seq of the
         job's last message then (`floor`): every message after `floor` reaches the watcher
         live, or (behind) from the history. None: no such job."""
-        if keys.name not in self.listeners and not await self.registered(keys):
+        if not await self.registered(keys):
             yield None  # no job was ever submitted to that queue
             return
         watcher, name = Watcher(resumable=True), (keys.name, job_id)
@@ -362,10 +391,11 @@ class Hub:
                 if not update.seq:
                     topic.offer(update)
                     continue
-                topic.note(update)  # what was missed is read from the history
+                seen, newer = topic.seq, topic.note(update)
                 topic.seq = max(topic.seq, int(job.get("seq", 0)))
-                for watcher in topic.watchers:
-                    watcher.catch_up()
+                if topic.seq > seen or newer:  # missed: each watcher reads it from the history
+                    for watcher in topic.watchers:
+                        watcher.catch_up()
 
     def dispatch(self, keys: Keys, data: str) -> None:
         if data.startswith(OUTPUT_HEAD):  # the worker's, the bulk of a stream: not parsed
@@ -399,8 +429,8 @@ class Hub:
             if len(self.batch) > FEED_MAX:
                 del self.batch[next(iter(self.batch))]
 
-    async def listen(self, keys: Keys) -> None:
-        """Follow a queue's events forever: SSUBSCRIBE on the node that holds its slot, and
+    async def listen(self, keys: Keys, subscribed: asyncio.Event) -> None:
+        """Follow a queue's events until let go: SSUBSCRIBE on the node that holds its slot, and
         after any loss (of the connection, or of the slot, which Redis then unsubscribes)
         subscribe again where the slot is now. Each confirmation resyncs the watched jobs."""
         delay = 0.1
@@ -419,6 +449,7 @@ class Hub:
                     elif message["type"] == "ssubscribe":  # also after redis-py reconnects
                         log.info("subscribed to %s", keys.events)
                         await self.resync(keys)
+                        subscribed.set()
                         delay = 0.1
                     elif message["type"] == "sunsubscribe":
                         raise RedisConnectionError("the slot moved to another node")
@@ -499,8 +530,9 @@ class Submits:
                 future.set_result(reply)
 
     async def pipelined(self, key: str, batch: list[list[Any]], again: bool = True) -> list[Any]:
-        """One (reply, acked) or an error per SUBMIT. A script that Redis has lost (restarted,
-        or SCRIPT FLUSH) is loaded again, and what that refused sent again: none of it ran."""
+        """One (reply, acked) or an error per SUBMIT. What Redis refused unrun is sent once
+        more: after it lost the script (restarted, or SCRIPT FLUSH), loaded again; after the
+        queue's slot moved to another node of a cluster (MOVED), there."""
         try:
             async with (await self.nodes.of(key)).pipeline(transaction=False) as pipe:
                 for args in batch:
@@ -515,10 +547,13 @@ class Submits:
         if isinstance(acked, Exception):
             raise acked
         out = [reply if isinstance(reply, Exception) else (reply, acked) for reply in replies]
-        if again and (lost := [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]):
+        refused = [i for i, r in enumerate(replies) if isinstance(r, (NoScriptError, MovedError))]
+        if again and refused:
+            if moved := [r for r in replies if isinstance(r, MovedError)]:
+                await self.nodes.refresh(moved[0])  # the slot has moved: learn where to
             await (await self.nodes.of(key)).script_load(self.script.script)
-            for i, reply in zip(lost, await self.pipelined(key, [batch[i] for i in lost], False),
-                                strict=True):
+            for i, reply in zip(refused, await self.pipelined(key, [batch[i] for i in refused],
+                                                              False), strict=True):
                 out[i] = reply
         return out
 
@@ -1072,7 +1107,7 @@ async def read_stats(request: web.Request) -> dict[str, Any]:
         queues = [queue_of(request)]
     else:
         hub = request.app[HUB]
-        await hub.follow_all()
+        await hub.learn_queues()
         queues = [hub.queue(name) for name in sorted(hub.queues)]
     each = {keys.name: await queue_stats(request, keys) for keys in queues}
     total: dict[str, Any] = {
@@ -1284,6 +1319,8 @@ async def feed(request: web.Request) -> web.StreamResponse:
                                            "Cache-Control": "no-cache"})
     hub.feeds.add(watcher)
     try:
+        with contextlib.suppress(*REDIS_ERRORS):  # Redis away: it opens, and follows later
+            await hub.follow_all(within=FEED_SUBSCRIBE)
         await response.prepare(request)
         await response.write(b": connected\n\n")
         while not watcher.overflowed:

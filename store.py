@@ -1588,8 +1588,10 @@ class BlockingSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool,
 
 
 def moved_or_gone(exc: Exception) -> bool:
-    """Whether an error from a cluster node says that its slots are to be learnt again."""
-    return isinstance(exc, UNAVAILABLE) or str(exc).startswith(("MOVED", "ASK"))
+    """Whether an error from a cluster node says that its slots are to be learnt again
+    (redis-py takes the code off MOVED and ASK, and raises them as their own classes)."""
+    return (isinstance(exc, (*UNAVAILABLE, redis.exceptions.AskError))
+            or str(exc).startswith(("MOVED", "ASK")))
 
 
 def refresh(client: Client, after: Exception) -> None:

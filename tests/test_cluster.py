@@ -50,6 +50,9 @@ async def test_a_queue_whose_slot_moves_mid_job_still_ends_and_is_followed_to_th
                    what="the job to run")
         async with session.ws_connect(f"{base}/ws?id={job_id}") as ws:
             assert json.loads((await ws.receive(timeout=10)).data)["status"] == "running"
+            # followed from its first watcher: subscribed on the source, then the slot moves
+            wait_until(lambda: f"subscribed to {keys.events}" in procs.log(server),
+                       what="the server's subscription")
             target = next(node for node in cluster.masters() if node is not source)
             move_slot(cluster, cluster.slot(keys.queue), source, target)
             assert cluster.master_of(keys.queue) is target

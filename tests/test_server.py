@@ -17,10 +17,11 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
-from store import Client as RedisClient
+import server
 from server import SUBMITS
+from store import Client as RedisClient
 from store import Keys, new_jobs, on_node, submit_args
-from tests.conftest import RedisServer, free_port, subscribed, wait_until
+from tests.conftest import RedisServer, free_port, wait_until
 from worker import Worker
 
 Client = TestClient[Any, Any]
@@ -40,9 +41,9 @@ async def submit(client: Client, text: str = "hello world") -> dict[str, Any]:
 
 
 async def work_one(worker: Worker) -> None:
-    """Once the server's subscription is confirmed (what is published before it reaches no
-    watcher), take the next job and run it to its outcome, as the worker's loop would."""
-    await subscribed(worker.redis, worker.keys.events)
+    """Take the next job and run it to its outcome, as the worker's loop would (whether or not
+    the server's subscription is confirmed yet: what it missed, a watcher reads from the
+    history)."""
     slot = worker.slots[0]
     job = await asyncio.to_thread(worker.take, slot)
     assert job is not None
@@ -99,13 +100,16 @@ async def test_submits_that_meet_share_one_pipeline_and_a_lost_script_is_loaded_
     """20 submits in one turn of the loop reach Redis as one pipeline, each answered with its
     own job. After SCRIPT FLUSH (as after a restart), what Redis refused is sent once more, and
     stored once."""
-    submits, keys = client.server.app[SUBMITS], Keys(prefix)
+    app = client.app
+    assert app is not None
+    submits, keys = app[SUBMITS], Keys(prefix)
     pipelines: list[int] = []
     pipelined = submits.pipelined
 
     async def counted(key: str, batch: list[list[Any]], again: bool = True) -> list[Any]:
         pipelines.append(len(batch))
-        return await pipelined(key, batch, again)
+        replies: list[Any] = await pipelined(key, batch, again)
+        return replies
 
     monkeypatch.setattr(submits, "pipelined", counted)
     for flush, sent in ((True, [20, 20]), (False, [20])):
@@ -394,6 +398,37 @@ async def test_one_subscription_however_many_watchers(client: Client, r: RedisCl
         await ws.close()
 
 
+@pytest.mark.cluster
+async def test_a_queue_is_followed_only_while_somebody_watches_it(
+        client: Client, worker: Worker, r: RedisClient, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No subscription for jobs nobody watches; one from a watcher's arrival until LINGER s
+    after the last one left; and a /feed opens once it is subscribed, so the page's first read
+    misses nothing."""
+    monkeypatch.setattr(server, "LINGER", 0.5)
+    channel = Keys(prefix).events
+    node = on_node(r, channel)
+
+    def subscribers() -> int:
+        return int(dict(node.pubsub_shardnumsub(channel))[channel])
+
+    job = await submit(client)
+    await work_one(worker)
+    assert subscribers() == 0
+    job = await submit(client)
+    async with client.ws_connect("/ws", params={"id": job["id"]}) as ws:
+        assert (await ws.receive_json(timeout=5))["status"] == "queued"
+        await asyncio.to_thread(wait_until, lambda: subscribers() == 1, 10, "a subscription")
+        await work_one(worker)
+        assert [m["status"] for m in await asyncio.wait_for(read_ws(ws), 10)] == [
+            "running", "done"]
+    await asyncio.to_thread(wait_until, lambda: subscribers() == 0, 10, "the queue let go")
+    response = await client.get("/feed")
+    assert await asyncio.wait_for(response.content.readline(), 5) == b": connected\n"
+    assert subscribers() == 1
+    response.close()
+
+
 async def test_shutdown_closes_watchers_going_away(client: Client) -> None:
     job = await submit(client)
     ws = await client.ws_connect("/ws", params={"id": job["id"]})
@@ -504,9 +539,11 @@ async def test_queues_followed_do_not_take_the_requests_connections(
         response = await client.post("/submit", json={"input": "x", "queue": queue})
         assert response.status == 201, await response.text()
         ids[queue] = (await response.json())["id"]
-    response = await client.get("/stats")  # follows every queue in the registry: 6 in all
+    response = await client.get("/stats")
     assert response.status == 200, await response.text()
     assert set((await response.json())["queues"]) == {"default", *queues}
+    feed = await client.get("/feed")  # follows every queue in the registry: 6 in all
+    assert feed.status == 200, await feed.text()
     await asyncio.to_thread(wait_until, lambda: sum(
         n for _, n in r.pubsub_shardnumsub(*(Keys(prefix, q).events for q in ["default", *queues]))
     ) >= 3, what="the subscriptions to take every connection of their pool")
@@ -514,3 +551,4 @@ async def test_queues_followed_do_not_take_the_requests_connections(
         response = await client.get("/status", params={"id": job_id, "queue": queue},
                                     timeout=aiohttp.ClientTimeout(total=4))
         assert response.status == 200, await response.text()
+    feed.close()
