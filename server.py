@@ -46,8 +46,8 @@ from redis.asyncio import cluster as redis_cluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import AskError, NoScriptError, OutOfMemoryError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MovedError, NoScriptError, OutOfMemoryError, ResponseError
 
 from store import (
     CANCEL,
@@ -117,6 +117,7 @@ PAGE, MAX_PAGE = 50, 500  # jobs per page of GET /jobs: by default, at most
 IDEMPOTENCY_TTL = 86_400  # seconds an Idempotency-Key is remembered
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")  # printable ASCII
 FEED_EVERY = 0.25  # seconds between the batches of /feed
+UNRUN = (NoScriptError, AskError, TryAgainError)  # a script refused, unrun (AskError: MOVED too)
 LINGER = 10.0  # seconds a queue nobody watches stays followed (one who watches job after job)
 FEED_SUBSCRIBE = 2.0  # seconds a /feed waits for its subscriptions before it opens, at most
 FEED_MAX = 500  # jobs in one batch at most: the newest changed (the page shows fewer)
@@ -253,6 +254,7 @@ class Hub:
         self.listeners: dict[str, asyncio.Task[None]] = {}  # followed, by queue name
         self.subscribed: dict[str, asyncio.Event] = {}  # ... set once its subscription is
         self.unwatched: dict[str, float] = {}  # followed queues nobody watches: since when
+        self.stopping: set[asyncio.Task[None]] = set()  # listeners of queues let go
         self.topics: dict[tuple[str, str], Topic] = {}  # by queue and job id
         self.feeds: set[Watcher] = set()  # /feed streams: every change, in batches
         self.batch: dict[str, str] = {}  # the newest message of each job changed since the last
@@ -304,13 +306,17 @@ class Hub:
         their jobs, no /feed open)."""
         watched = set(self.listeners) if self.feeds else {name for name, _ in self.topics}
         now = time.monotonic()
+        # All decided and taken out before any await: a watcher that comes meanwhile follows anew
         for name in list(self.listeners):
             if name in watched:
                 self.unwatched.pop(name, None)
             elif now - self.unwatched.setdefault(name, now) >= LINGER:
                 del self.unwatched[name], self.subscribed[name]
-                with contextlib.suppress(Exception):  # its own error: it is stopping anyway
-                    await cancel_and_wait(self.listeners.pop(name))
+                self.stopping.add(self.listeners.pop(name))
+        for task in list(self.stopping):
+            with contextlib.suppress(Exception):  # its own error: it is stopping anyway
+                await cancel_and_wait(task)
+            self.stopping.discard(task)
 
     def watchers(self) -> int:
         return sum(len(topic.watchers) for topic in self.topics.values()) + len(self.feeds)
@@ -460,11 +466,12 @@ class Hub:
                 delay = min(delay * 2, RESUBSCRIBE_MAX)
                 await self.nodes.refresh(exc)
             finally:
-                if pubsub is not None:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
+                if pubsub is not None:  # closed to the end even if cancelled again, so that its
+                    await asyncio.shield(pubsub.aclose())  # connection goes back to the pool
+
 
     async def stop(self) -> None:
-        for task in list(self.listeners.values()):
+        for task in [*self.listeners.values(), *self.stopping]:
             with contextlib.suppress(Exception):  # a listener's own error: it is stopping
                 await cancel_and_wait(task)
         await self.nodes.aclose()
@@ -529,10 +536,9 @@ class Submits:
             else:
                 future.set_result(reply)
 
-    async def pipelined(self, key: str, batch: list[list[Any]], again: bool = True) -> list[Any]:
-        """One (reply, acked) or an error per SUBMIT. What Redis refused unrun is sent once
-        more: after it lost the script (restarted, or SCRIPT FLUSH), loaded again; after the
-        queue's slot moved to another node of a cluster (MOVED), there."""
+    async def pipelined(self, key: str, batch: list[list[Any]]) -> list[Any]:
+        """One (reply, acked) or an error per SUBMIT; what Redis refused unrun (it lost the
+        script, or the queue's slot is moving or has moved) is sent once more (again)."""
         try:
             async with (await self.nodes.of(key)).pipeline(transaction=False) as pipe:
                 for args in batch:
@@ -547,15 +553,35 @@ class Submits:
         if isinstance(acked, Exception):
             raise acked
         out = [reply if isinstance(reply, Exception) else (reply, acked) for reply in replies]
-        refused = [i for i, r in enumerate(replies) if isinstance(r, (NoScriptError, MovedError))]
-        if again and refused:
-            if moved := [r for r in replies if isinstance(r, MovedError)]:
-                await self.nodes.refresh(moved[0])  # the slot has moved: learn where to
-            await (await self.nodes.of(key)).script_load(self.script.script)
-            for i, reply in zip(refused, await self.pipelined(key, [batch[i] for i in refused],
-                                                              False), strict=True):
+        if refused := [i for i, reply in enumerate(replies) if isinstance(reply, UNRUN)]:
+            try:
+                again = await self.again(key, [batch[i] for i in refused], replies[refused[0]])
+            except REDIS_ERRORS as exc:  # theirs alone: the others are stored
+                again = [exc] * len(refused)
+            for i, reply in zip(refused, again, strict=True):
                 out[i] = reply
         return out
+
+    async def again(self, key: str, batch: list[list[Any]], refusal: Exception) -> list[Any]:
+        """SUBMITs that Redis refused unrun, sent once more. Through the client's own script
+        call, which loads the script and follows a cluster's MOVED, ASK and TRYAGAIN; with
+        --min-replicas (its WAIT must share the writes' connection) as a pipeline again, after
+        learning where the slot is and loading the script there."""
+        if not self.replicas:
+            replies = await asyncio.gather(*(self.script(keys=[key], args=args)
+                                             for args in batch), return_exceptions=True)
+            return [reply if isinstance(reply, Exception) else (reply, 0) for reply in replies]
+        await self.nodes.refresh(refusal)  # a MOVED: learn where the slot is now
+        await (await self.nodes.of(key)).script_load(self.script.script)
+        async with (await self.nodes.of(key)).pipeline(transaction=False) as pipe:
+            for args in batch:
+                pipe.evalsha(self.script.sha, 1, key, *args)
+            pipe.execute_command("WAIT", self.replicas, WAIT_MS)
+            replies = await pipe.execute(raise_on_error=False)
+        acked = replies.pop()
+        if isinstance(acked, Exception):
+            raise acked
+        return [reply if isinstance(reply, Exception) else (reply, acked) for reply in replies]
 
 
 class Pinger:
