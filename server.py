@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -1687,6 +1688,7 @@ def make_app(
     return app
 
 
+@functools.lru_cache(maxsize=256)  # asked on every request without a token: parsed once
 def loopback(host: str) -> bool:
     """Whether an address to listen on can only be reached from this machine."""
     try:
