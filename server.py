@@ -470,7 +470,6 @@ class Hub:
                 if pubsub is not None:  # closed to the end even if cancelled again, so that its
                     await asyncio.shield(pubsub.aclose())  # connection goes back to the pool
 
-
     async def stop(self) -> None:
         for task in [*self.listeners.values(), *self.stopping]:
             with contextlib.suppress(Exception):  # a listener's own error: it is stopping
@@ -541,27 +540,32 @@ class Submits:
         """One (reply, acked) or an error per SUBMIT; what Redis refused unrun (it lost the
         script, or the queue's slot is moving or has moved) is sent once more (again)."""
         try:
-            async with (await self.nodes.of(key)).pipeline(transaction=False) as pipe:
-                for args in batch:
-                    pipe.evalsha(self.script.sha, 1, key, *args)
-                if self.replicas:
-                    pipe.execute_command("WAIT", self.replicas, WAIT_MS)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self.sent(key, batch)
         except REDIS_ERRORS as exc:  # on a cluster, the node may have died or lost the slot
             await self.nodes.refresh(exc)
             raise
-        acked = replies.pop() if self.replicas else 0
-        if isinstance(acked, Exception):
-            raise acked
-        out = [reply if isinstance(reply, Exception) else (reply, acked) for reply in replies]
         if refused := [i for i, reply in enumerate(replies) if isinstance(reply, UNRUN)]:
             try:
                 again = await self.again(key, [batch[i] for i in refused], replies[refused[0]])
             except REDIS_ERRORS as exc:  # theirs alone: the others are stored
                 again = [exc] * len(refused)
             for i, reply in zip(refused, again, strict=True):
-                out[i] = reply
-        return out
+                replies[i] = reply
+        return replies
+
+    async def sent(self, key: str, batch: list[list[Any]]) -> list[Any]:
+        """The SUBMITs as one pipeline to the node of key, with --min-replicas its WAIT last:
+        one (reply, acked) or an error each."""
+        async with (await self.nodes.of(key)).pipeline(transaction=False) as pipe:
+            for args in batch:
+                pipe.evalsha(self.script.sha, 1, key, *args)
+            if self.replicas:
+                pipe.execute_command("WAIT", self.replicas, WAIT_MS)
+            replies = await pipe.execute(raise_on_error=False)
+        acked = replies.pop() if self.replicas else 0
+        if isinstance(acked, Exception):
+            raise acked
+        return [reply if isinstance(reply, Exception) else (reply, acked) for reply in replies]
 
     async def again(self, key: str, batch: list[list[Any]], refusal: Exception) -> list[Any]:
         """SUBMITs that Redis refused unrun, sent once more. Through the client's own script
@@ -574,15 +578,7 @@ class Submits:
             return [reply if isinstance(reply, Exception) else (reply, 0) for reply in replies]
         await self.nodes.refresh(refusal)  # a MOVED: learn where the slot is now
         await (await self.nodes.of(key)).script_load(self.script.script)
-        async with (await self.nodes.of(key)).pipeline(transaction=False) as pipe:
-            for args in batch:
-                pipe.evalsha(self.script.sha, 1, key, *args)
-            pipe.execute_command("WAIT", self.replicas, WAIT_MS)
-            replies = await pipe.execute(raise_on_error=False)
-        acked = replies.pop()
-        if isinstance(acked, Exception):
-            raise acked
-        return [reply if isinstance(reply, Exception) else (reply, acked) for reply in replies]
+        return await self.sent(key, batch)
 
 
 class Pinger:

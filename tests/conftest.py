@@ -33,7 +33,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, settings
 
 from server import make_app
-from store import RETENTION, SUBMIT, Client, Keys, connect, new_jobs, on_node, submit_args
+from store import RETENTION, SUBMIT, Client, Keys, connect, new_jobs, submit_args
 
 if TYPE_CHECKING:  # tests.topologies imports this module: imported where used
     from playwright.sync_api import Browser, ConsoleMessage, Page
@@ -292,15 +292,6 @@ async def call(client: HTTPClient, method: str, path: str, expect: int, **kwargs
         assert response.content_type == "application/json", body[:500]
         assert isinstance(json.loads(body)["error"], str)
     return json.loads(body) if body else None
-
-
-async def subscribed(r: Client, channel: str) -> None:
-    """Until a server's subscription to the channel is confirmed (sharded pub/sub)."""
-    node = on_node(r, channel)  # on a cluster, the node of the channel's slot
-
-    async def confirmed() -> bool:
-        return any(n >= 1 for _, n in node.pubsub_shardnumsub(channel))
-    await eventually(confirmed, 10, f"a subscription to {channel}")
 
 
 @pytest.fixture
