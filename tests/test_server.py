@@ -380,6 +380,13 @@ async def test_changes_while_pubsub_was_down_are_pushed_after_resubscribe(
     assert messages[-1]["result"] == "SET BY HAND"
 
 
+def subscribers(r: RedisClient, prefix: str) -> int:
+    """Subscriptions to the queue's channel, on the node of its slot (on a cluster): where the
+    scripts SPUBLISH."""
+    channel = Keys(prefix).events
+    return int(dict(on_node(r, channel).pubsub_shardnumsub(channel))[channel])
+
+
 @pytest.mark.cluster
 async def test_one_subscription_however_many_watchers(client: Client, r: RedisClient,
                                                       prefix: str) -> None:
@@ -387,13 +394,10 @@ async def test_one_subscription_however_many_watchers(client: Client, r: RedisCl
     sockets = [await client.ws_connect("/ws", params={"id": job["id"]}) for _ in range(20)]
     for ws in sockets:
         await ws.receive_json(timeout=5)
-    channel = Keys(prefix).events
-    node = on_node(r, channel)  # on a cluster, the node of the channel's slot: where the
-    # scripts SPUBLISH. The first messages do not wait for the subscription: wait for it here.
-    subscribers = await asyncio.to_thread(
-        wait_until, lambda: dict(node.pubsub_shardnumsub(channel))[channel],
-        what="the server's subscription")
-    assert subscribers == 1
+    # The first messages do not wait for the subscription: wait for it here.
+    count = await asyncio.to_thread(wait_until, lambda: subscribers(r, prefix),
+                                    what="the server's subscription")
+    assert count == 1
     for ws in sockets:
         await ws.close()
 
@@ -406,26 +410,22 @@ async def test_a_queue_is_followed_only_while_somebody_watches_it(
     after the last one left; and a /feed opens once it is subscribed, so the page's first read
     misses nothing."""
     monkeypatch.setattr(server, "LINGER", 0.5)
-    channel = Keys(prefix).events
-    node = on_node(r, channel)
-
-    def subscribers() -> int:
-        return int(dict(node.pubsub_shardnumsub(channel))[channel])
-
     job = await submit(client)
     await work_one(worker)
-    assert subscribers() == 0
+    assert subscribers(r, prefix) == 0
     job = await submit(client)
     async with client.ws_connect("/ws", params={"id": job["id"]}) as ws:
         assert (await ws.receive_json(timeout=5))["status"] == "queued"
-        await asyncio.to_thread(wait_until, lambda: subscribers() == 1, 10, "a subscription")
+        await asyncio.to_thread(wait_until, lambda: subscribers(r, prefix) == 1, 10,
+                                "a subscription")
         await work_one(worker)
         assert [m["status"] for m in await asyncio.wait_for(read_ws(ws), 10)] == [
             "running", "done"]
-    await asyncio.to_thread(wait_until, lambda: subscribers() == 0, 10, "the queue let go")
+    await asyncio.to_thread(wait_until, lambda: subscribers(r, prefix) == 0, 10,
+                            "the queue let go")
     response = await client.get("/feed")
     assert await asyncio.wait_for(response.content.readline(), 5) == b": connected\n"
-    assert subscribers() == 1
+    assert subscribers(r, prefix) == 1
     response.close()
 
 
